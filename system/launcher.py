@@ -1,0 +1,125 @@
+"""Ray orchestration: connect to (or start) a Ray cluster and run `train_loop` on N workers.
+
+`--address auto` joins the cluster a `ray job submit` put us in (RAY_ADDRESS is set) or a
+running local head, and otherwise starts an embedded one sized to this machine, which is shut
+down at the end. The loop itself is plain PyTorch (system/trainer.py) so it also runs under
+torchrun: `torchrun --nproc-per-node 2 -m system.trainer RUN_DIR/config.json`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from system.config import JobConfig
+
+# Ray Train's controller polls workers every 2 s by default: each report() then costs ~2 s on
+# a small run (ENV-NOTES.md). 0.2 s keeps the overhead under a few percent.
+_RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+
+
+def _ray_worker_entry(config: dict[str, Any]) -> None:
+    """Runs inside each Ray Train worker."""
+    import ray.train
+
+    from system.trainer import train_loop
+
+    os.environ["MNEMO_LAUNCHER"] = "ray"
+    summary = train_loop(config)
+    ray.train.report({k: v for k, v in summary.items() if isinstance(v, int | float)})
+
+
+def connect(address: str, workers: int, cpus_per_worker: float) -> bool:
+    """ray.init for `address`; returns True when we started an embedded cluster (ours to stop)."""
+    import ray
+
+    for k, v in _RAY_ENV.items():
+        os.environ.setdefault(k, v)
+    if ray.is_initialized():
+        return False
+    env_vars = {k: os.environ[k] for k in _RAY_ENV}
+    env_vars["PYTHONPATH"] = _pythonpath()
+    runtime_env = {"env_vars": env_vars}
+    if address == "local" or (address == "auto" and not os.environ.get("RAY_ADDRESS")):
+        if address == "auto":
+            try:  # a head already running on this machine (ray start --head)
+                ray.init(address="auto", runtime_env=runtime_env, log_to_driver=True)
+                return False
+            except ConnectionError:
+                pass
+        need = workers * cpus_per_worker
+        ray.init(
+            num_cpus=max(os.cpu_count() or 1, int(need + 0.999)),
+            include_dashboard=False,
+            runtime_env=runtime_env,
+            log_to_driver=True,
+        )
+        return True
+    target = "auto" if address == "auto" else address
+    ray.init(address=target, runtime_env=runtime_env, log_to_driver=True)
+    return False
+
+
+def _pythonpath() -> str:
+    """Workers import `system`, `models`, `data` from this checkout even without an install."""
+    root = str(Path(__file__).resolve().parent.parent)
+    cur = os.environ.get("PYTHONPATH", "")
+    return root if not cur else f"{root}{os.pathsep}{cur}"
+
+
+def build_trainer(cfg: JobConfig) -> Any:
+    """The Ray Train TorchTrainer for this job (not yet fitted)."""
+    import torch
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    s = cfg.scaling
+    use_gpu = s.use_gpu == "true" or (s.use_gpu == "auto" and _cluster_has_gpus())
+    resources: dict[str, float] = {"CPU": s.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = s.gpus_per_worker
+    run_dir = Path(cfg.run_dir).resolve()
+    del torch
+    return TorchTrainer(
+        train_loop_per_worker=_ray_worker_entry,
+        train_loop_config=cfg.to_dict(),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=s.workers, use_gpu=use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name="ray_train",
+            storage_path=str(run_dir / "ray"),
+            failure_config=FailureConfig(max_failures=s.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+        ),
+    )
+
+
+def _cluster_has_gpus() -> bool:
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def run(cfg: JobConfig) -> dict[str, Any]:
+    """Run the job on Ray; returns the final reported metrics."""
+    import ray
+
+    started = connect(cfg.address, cfg.scaling.workers, cfg.scaling.cpus_per_worker)
+    try:
+        if cfg.scaling.use_gpu == "auto":
+            cfg_gpu = "true" if _cluster_has_gpus() else "false"
+            import dataclasses
+
+            cfg = dataclasses.replace(cfg, scaling=dataclasses.replace(cfg.scaling, use_gpu=cfg_gpu))
+        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+        cfg.save(Path(cfg.run_dir) / "config.json")
+        result = build_trainer(cfg).fit()
+        if result.error is not None:
+            raise result.error
+        return dict(result.metrics or {})
+    finally:
+        if started:
+            ray.shutdown()

@@ -1,0 +1,236 @@
+"""The training loop: one function per worker, the same under Ray Train, torchrun and alone.
+
+batch -> forward -> loss -> backward (accumulated to train.batch_tokens) -> step -> metrics ->
+checkpoint. Everything distributed sits behind `system.strategies`; everything about where the
+samples come from behind `data.build_loader`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+import data
+import models
+from system import faults
+from system.checkpoint import Checkpointer
+from system.config import JobConfig, from_dict
+from system.dist import DistEnv, all_reduce_mean, all_reduce_sum, barrier, init_distributed, seed_all
+from system.metrics import MetricsWriter, console_line, memory_gb, peak_flops, plot_loss
+from system.strategies import build_strategy
+
+
+@dataclass
+class TrainState:
+    """What the loop itself carries between steps (checkpointed beside model and optimizer)."""
+
+    step: int = 0
+    tokens: int = 0
+
+
+def accum_steps(cfg: JobConfig, world: int) -> int:
+    """Micro-steps per optimizer step so one step sees exactly train.batch_tokens tokens."""
+    t = cfg.train
+    per_micro = t.seq_len * t.micro_batch * world
+    if t.batch_tokens % per_micro:
+        raise ValueError(
+            f"train.batch_tokens={t.batch_tokens} is not a multiple of seq_len*micro_batch*workers"
+            f" = {t.seq_len}*{t.micro_batch}*{world} = {per_micro}"
+        )
+    return t.batch_tokens // per_micro
+
+
+def lm_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross-entropy (over `loss_mask` positions when the batch has one)."""
+    targets = batch["tokens"][:, 1:]
+    ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+    mask = batch.get("loss_mask")
+    if mask is None:
+        return ce.mean()
+    m = mask.flatten().float()
+    return (ce * m).sum() / m.sum().clamp_min(1.0)
+
+
+def forward_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    out = model(batch["tokens"][:, :-1])
+    loss = lm_loss(out.logits, batch)
+    if getattr(out, "aux_loss", None) is not None:
+        loss = loss + out.aux_loss
+    return loss
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, cfg: JobConfig, env: DistEnv, strategy) -> float:
+    """Mean held-out loss over eval.batches micro-batches per rank, the same batches each time."""
+    loader = data.build_loader(
+        cfg.data, seq_len=cfg.train.seq_len, batch_size=cfg.train.micro_batch,
+        rank=env.rank, world=env.world, seed=cfg.train.seed, split="eval",
+    )
+    was_training = model.training
+    model.eval()
+    losses = []
+    it = iter(loader)
+    for _ in range(cfg.eval.batches):
+        batch = _to(next(it), env.device)
+        with strategy.autocast():
+            losses.append(float(forward_loss(strategy.model, batch)))
+    model.train(was_training)
+    return all_reduce_mean([sum(losses) / len(losses)], env.world, env.device)[0]
+
+
+def train_loop(config: dict[str, Any]) -> dict[str, Any]:
+    """Train one run described by a JobConfig dict; returns the summary (on every rank)."""
+    cfg = from_dict(config)
+    env = init_distributed(cfg.scaling.use_gpu)
+    run_dir = Path(cfg.run_dir)
+    is_main = env.rank == 0
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(run_dir / "config.json")
+    torch.use_deterministic_algorithms(cfg.train.deterministic, warn_only=True)
+    if env.device.type == "cpu":
+        n = int(cfg.scaling.cpus_per_worker) or 1
+        torch.set_num_threads(max(1, n))
+
+    # Same init on every rank (FSDP2 does not broadcast), then per-rank RNG streams.
+    seed_all(cfg.train.seed)
+    with torch.device(env.device):
+        model = models.build(cfg.model.name, **cfg.model.args)
+    spec = models.get_spec(cfg.model.name)
+    model.block_attr = spec.block_attr
+    seed_all(cfg.train.seed * 1000 + env.rank)
+
+    accum = accum_steps(cfg, env.world)
+    loader = data.build_loader(
+        cfg.data, seq_len=cfg.train.seq_len, batch_size=cfg.train.micro_batch,
+        rank=env.rank, world=env.world, seed=cfg.train.seed,
+    )
+    strategy = build_strategy(cfg, model, env.device, env.world, accum)
+    ckpt = Checkpointer(cfg, env, run_dir)
+    state = TrainState()
+    restored = ckpt.restore(strategy, loader)
+    if restored is not None:
+        state = TrainState(**restored)
+    writer = MetricsWriter(run_dir, enabled=is_main)
+    writer.truncate_after(state.step)
+
+    n_params = sum(p.numel() for p in model.parameters())
+    fpt = model.flops_per_token(cfg.train.seq_len) if hasattr(model, "flops_per_token") else 6.0 * n_params
+    peak = peak_flops(env.device)
+    if is_main:
+        print(
+            f"[mnemo] {cfg.recipe}/{cfg.preset}: {cfg.model.name} {n_params / 1e6:.2f}M params | "
+            f"{cfg.scaling.strategy} x{env.world} ({env.launcher}, {env.device.type}) | "
+            f"accum {accum} | start step {state.step} | run dir {run_dir}",
+            flush=True,
+        )
+
+    model.train()
+    t_start = time.perf_counter()
+    t_last, tok_last, step_last = t_start, state.tokens, state.step
+    loss_sum, loss_n = 0.0, 0
+    last: dict[str, Any] = {}
+    it = iter(loader)
+    tokens_per_step = cfg.train.batch_tokens
+    while state.step < cfg.train.steps:
+        faults.maybe_fail(state.step + 1, env.rank, run_dir)
+        grad_norm = None
+        for micro in range(accum):
+            batch = _to(next(it), env.device)
+            is_last = micro == accum - 1
+            with strategy.accumulate(is_last), strategy.autocast():
+                loss = forward_loss(strategy.model, batch)
+            grad_norm = strategy.micro_step(loss, is_last)
+            loss_sum += float(loss.detach())
+            loss_n += 1
+        state.step += 1
+        state.tokens += tokens_per_step
+        step = state.step
+
+        log_now = step % cfg.log.every == 0 or step == cfg.train.steps
+        eval_now = cfg.eval.every > 0 and (step % cfg.eval.every == 0 or step == cfg.train.steps)
+        if log_now or eval_now:
+            now = time.perf_counter()
+            mean_loss, gnorm = all_reduce_mean([loss_sum / max(loss_n, 1), grad_norm or 0.0],
+                                               env.world, env.device)
+            skipped = int(all_reduce_sum([loader.info.skipped_samples], env.world, env.device)[0])
+            dt = max(now - t_last, 1e-9)
+            tps = (state.tokens - tok_last) / dt
+            steps_done = step - step_last
+            m: dict[str, Any] = {
+                "step": step,
+                "loss": mean_loss,
+                "lr": strategy.lr(),
+                "tokens": state.tokens,
+                "tokens_per_s": tps,
+                "mfu": (fpt * tps / (peak * env.world)) if peak else None,
+                "mem_gb": memory_gb(env.device),
+                "world_size": env.world,
+                "skipped_samples": skipped,
+                "grad_norm": gnorm,
+                "step_time_s": dt / max(steps_done, 1),
+                "eta_s": (cfg.train.steps - step) * dt / max(steps_done, 1),
+            }
+            if eval_now:
+                m["eval_loss"] = evaluate(model, cfg, env, strategy)
+            writer.write(m)
+            if is_main:
+                print(console_line(m, cfg.train.steps), flush=True)
+            last = m
+            loss_sum, loss_n = 0.0, 0
+            t_last, tok_last, step_last = time.perf_counter(), state.tokens, step
+
+        if ckpt.due(step):
+            ckpt.save(step, strategy, loader, {"step": state.step, "tokens": state.tokens},
+                      metrics=last)
+
+    ckpt.finalize()
+    wall = time.perf_counter() - t_start
+    summary = {
+        "recipe": cfg.recipe,
+        "preset": cfg.preset,
+        "model": cfg.model.name,
+        "final_step": state.step,
+        "final_loss": last.get("loss"),
+        "final_eval_loss": last.get("eval_loss"),
+        "tokens": state.tokens,
+        "wall_time_s": wall,
+        "world_size": env.world,
+        "strategy": cfg.scaling.strategy,
+        "checkpoint": str(ckpt.latest()) if ckpt.latest() else None,
+    }
+    if is_main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if writer.history:
+            plot_loss(writer.history, run_dir / "loss.png", f"{cfg.recipe} ({cfg.model.name})")
+    barrier(env.world)
+    return summary
+
+
+def main() -> None:
+    """`torchrun --nproc-per-node 2 -m system.trainer RUN_DIR/config.json`."""
+    import sys
+
+    if len(sys.argv) != 2:
+        raise SystemExit("usage: python -m system.trainer CONFIG.json  (under torchrun/accelerate)")
+    cfg = json.loads(Path(sys.argv[1]).read_text())
+    os.environ.setdefault("MNEMO_LAUNCHER", "torchrun")
+    train_loop(cfg)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
