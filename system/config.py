@@ -246,28 +246,28 @@ def _parse_literal(raw: str) -> Any:
         return raw
 
 
-def _set_path(cfg: Any, key: str, raw: Any) -> Any:
+def _set_path(cfg: Any, key: str, raw: Any, full: str | None = None) -> Any:
     """Return a copy of dataclass `cfg` with dotted `key` set (validated by __post_init__)."""
+    full = full or key
     head, _, rest = key.partition(".")
     names = {f.name: f for f in fields(cfg)}
     if head not in names:
-        where = type(cfg).__name__
-        raise ValueError(f"unknown config key {key!r} in {where}; allowed: {', '.join(names)}")
+        raise ValueError(f"unknown config key {full!r}; allowed here: {', '.join(names)}")
     hints = typing.get_type_hints(type(cfg))
     tp = hints[head]
     cur = getattr(cfg, head)
     if rest:
         if is_dataclass(cur):
-            new = _set_path(cur, rest, raw)
+            new = _set_path(cur, rest, raw, full)
         elif isinstance(cur, dict):
             new = dict(cur)
             _set_dict(new, rest, raw)
         else:
-            raise ValueError(f"config key {key!r}: {head!r} is a {type(cur).__name__}, not a section")
+            raise ValueError(f"config key {full!r}: {head!r} is a {type(cur).__name__}, not a section")
     else:
         if is_dataclass(cur):
-            raise ValueError(f"config key {key!r} names a section; set one of its fields instead")
-        new = _coerce(key, raw, tp)
+            raise ValueError(f"config key {full!r} names a section; set one of its fields instead")
+        new = _coerce(full, raw, tp)
     return dataclasses.replace(cfg, **{head: new})
 
 

@@ -1,0 +1,230 @@
+"""Neural-memory op: chunked == token-by-token reference (outputs, final state, every gradient).
+
+fla style (STYLE.md habit 3): fixed seeds, lengths that chunks do not divide, a chunk sweep,
+per-tensor relative-RMS tolerances. Measured errors in fp32 are <= ~3e-6; TOL leaves ~3x room.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.ops.memory import (
+    MemoryRule,
+    MemoryState,
+    memory_chunked,
+    memory_reference,
+    neural_memory,
+    retrieve,
+)
+from tests._testing import assert_close, rel_rms
+
+TOL = 1e-5  # relative RMS, every compared tensor, fp32 on both sides
+B, H = 2, 3
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # These are hundreds of tiny ops; on a shared 2-core box OpenMP wake-ups make 2 threads
+    # ~30x slower than 1 (measured), so pin one thread for this module only.
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
+def _inputs(
+    length: int,
+    d_in: int,
+    d_out: int,
+    depth: int,
+    momentum: bool,
+    rule: MemoryRule,
+    seed: int = 0,
+) -> tuple[dict, list[str]]:
+    """Keyword inputs of the op plus the names of those that need a gradient."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*s: int) -> torch.Tensor:
+        return torch.randn(*s, generator=g)
+
+    # Step sizes in the stable regime (measured): an MLP memory's gradient scales with its
+    # hidden width and the l3 bias's gradient is cubic, so both take smaller steps.
+    step = (0.5 if depth == 1 else 0.05) * (0.1 if rule.attn_bias == "lp" else 1.0)
+    kw = {
+        "q": F.normalize(r(B, H, length, d_in), dim=-1),
+        "k": F.normalize(r(B, H, length, d_in), dim=-1),
+        "v": r(B, H, length, d_out),
+        "theta": step * torch.sigmoid(r(B, H, length)),
+        # lq's W = A / ||A||_q^(q-2) grows as decay shrinks A (degree -1 for q = 4): mild decay.
+        "alpha": torch.sigmoid(r(B, H, length) - 2.0) * (0.01 if rule.retention == "lq" else 1.0),
+        "eta": torch.sigmoid(r(B, H, length)) if momentum else None,
+        "huber_delta": None,
+    }
+    if rule.attn_bias == "huber":
+        # Spread around the typical residual norm (~sqrt(d_out)) so both branches are taken.
+        kw["huber_delta"] = d_out**0.5 * (0.5 + torch.rand(B, H, length, generator=g))
+    if depth == 1:
+        dims = [d_in, d_out]
+    else:
+        dims = [d_in] + [2 * d_in] * (depth - 1) + [d_out]
+    ws = [r(H, a, b) / a**0.5 for a, b in zip(dims[:-1], dims[1:])]
+    if rule.retention == "lq":
+        ws = [3.0 * w for w in ws]  # larger A: writes change ||A||_q, hence W's scale, less
+    if rule.retention == "kl":
+        ws = [r(H, d_in, d_out)]  # log-weights
+    moms = [0.01 * r(B, H, *w.shape[-2:]) for w in ws] if momentum else None
+    names = [n for n in ("q", "k", "v", "theta", "alpha", "eta", "huber_delta") if kw[n] is not None]
+    for n in names:
+        kw[n].requires_grad_()
+    for t in ws + (moms or []):
+        t.requires_grad_()
+    kw["state"] = MemoryState(tuple(ws), None if moms is None else tuple(moms))
+    return kw, names
+
+
+def _run(fn, kw: dict, names: list[str], chunk: int, rule: MemoryRule) -> dict[str, torch.Tensor]:
+    """Outputs, final state and gradients of a random linear function of all of them."""
+    y, st = fn(chunk_size=chunk, rule=rule, **kw)
+    g = torch.Generator().manual_seed(123)
+    res = {"y": y}
+    res.update({f"W{i}": w for i, w in enumerate(st.weights)})
+    if st.momentum is not None:
+        res.update({f"S{i}": s for i, s in enumerate(st.momentum)})
+    loss = sum((t * torch.randn(t.shape, generator=g)).sum() for t in res.values())
+    leaves = {n: kw[n] for n in names}
+    leaves.update({f"W{i}_init": w for i, w in enumerate(kw["state"].weights)})
+    if kw["state"].momentum is not None:
+        leaves.update({f"S{i}_init": s for i, s in enumerate(kw["state"].momentum)})
+    grads = torch.autograd.grad(loss, list(leaves.values()))
+    res.update({f"d{n}": gr for n, gr in zip(leaves, grads)})
+    return res
+
+
+CASES = [
+    # (length, chunk, d_in, d_out, depth, momentum, attn_bias, retention, residual)
+    (63, 16, 16, 24, 1, True, "l2", "l2", True),  # Titans, linear memory
+    (200, 64, 16, 24, 1, True, "l2", "l2", True),
+    (63, 64, 24, 24, 2, True, "l2", "l2", True),  # one partial chunk
+    (200, 16, 16, 16, 2, True, "l2", "l2", True),  # Titans MLP memory
+    (200, 64, 16, 24, 2, False, "l2", "l2", False),  # no residual, Din != Dout
+    (63, 16, 16, 24, 1, False, "lp", "l2", True),  # Moneta bias
+    (200, 64, 16, 16, 2, False, "lp", "l2", True),
+    (63, 16, 16, 16, 2, False, "huber", "l2", True),  # Yaad
+    (200, 64, 16, 24, 1, False, "huber", "l2", True),
+    (63, 16, 16, 24, 1, False, "lp", "lq", True),  # Moneta
+    (200, 64, 16, 16, 2, False, "l2", "lq", True),
+    (63, 16, 16, 16, 2, True, "l2", "lq", True),
+    (63, 16, 16, 24, 1, False, "l2", "kl", True),  # Memora
+    (200, 64, 16, 24, 1, False, "l2", "kl", True),
+    (63, 16, 16, 16, 1, True, "huber", "kl", True),
+]
+
+
+@pytest.mark.parametrize(
+    "length,chunk,d_in,d_out,depth,momentum,bias,retention,residual",
+    CASES,
+    ids=[f"L{c[0]}-b{c[1]}-{c[2]}x{c[3]}-d{c[4]}-{'mom' if c[5] else 'nomom'}-{c[6]}-{c[7]}"
+         + ("" if c[8] else "-nores") for c in CASES],
+)
+def test_chunked_matches_reference(
+    length: int,
+    chunk: int,
+    d_in: int,
+    d_out: int,
+    depth: int,
+    momentum: bool,
+    bias: str,
+    retention: str,
+    residual: bool,
+) -> None:
+    rule = MemoryRule(attn_bias=bias, retention=retention, residual=residual)
+    kw, names = _inputs(length, d_in, d_out, depth, momentum, rule)
+    ref = _run(memory_reference, kw, names, chunk, rule)
+    out = _run(memory_chunked, kw, names, chunk, rule)
+    assert ref.keys() == out.keys()
+    for name in ref:
+        assert_close(name, ref[name], out[name], TOL)
+
+
+def test_huber_takes_both_branches() -> None:
+    # Guards the Huber cases above against silently testing one branch only.
+    rule = MemoryRule(attn_bias="huber")
+    kw, _ = _inputs(63, 16, 24, 1, False, rule)
+    w = kw["state"].weights[0].detach()
+    r = kw["k"].detach() @ w - kw["v"]
+    inside = r.norm(dim=-1) <= kw["huber_delta"]
+    assert 0.1 < inside.float().mean() < 0.9
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_memory_learns(depth: int) -> None:
+    """Writing (k, v) pairs makes retrieval at those keys return their values more closely."""
+    rule = MemoryRule()
+    g = torch.Generator().manual_seed(7)
+    d, n = 32, 8
+    k = F.normalize(torch.randn(1, 1, n, d, generator=g), dim=-1)
+    v = torch.randn(1, 1, n, d, generator=g)
+    dims = [d, d] if depth == 1 else [d, 2 * d, d]
+    ws = tuple(torch.randn(1, a, b, generator=g) / a**0.5 for a, b in zip(dims, dims[1:]))
+    state0 = MemoryState(ws)
+    # Six passes over the pairs, chunk 4, so later writes see the earlier ones; steps are the
+    # stable ones for each depth (an MLP's gradient grows with its hidden width).
+    reps, step = 6, (0.2 if depth == 1 else 0.05)
+    ones = torch.ones(1, 1, n * reps)
+    kk, vv = k.repeat(1, 1, reps, 1), v.repeat(1, 1, reps, 1)
+    _, state1 = memory_chunked(kk, kk, vv, step * ones, 0 * ones, 0.5 * ones, state0, chunk_size=4)
+    err0 = (retrieve(state0, k, rule) - v).norm()
+    err1 = (retrieve(state1, k, rule) - v).norm()
+    assert err1 < 0.3 * err0, (float(err0), float(err1))
+
+
+def test_no_write_retrieves_initial_memory() -> None:
+    """theta = alpha = 0 without momentum: y_t == retrieve(initial state, q_t)."""
+    rule = MemoryRule()
+    kw, _ = _inputs(40, 16, 16, 2, False, rule, seed=3)
+    kw["theta"] = torch.zeros_like(kw["theta"])
+    kw["alpha"] = torch.zeros_like(kw["alpha"])
+    y, st = memory_chunked(chunk_size=16, rule=rule, **kw)
+    assert_close("y", retrieve(kw["state"], kw["q"], rule), y, 1e-6)
+    for w0, w1 in zip(kw["state"].weights, st.weights):
+        assert_close("W", w0.expand_as(w1), w1, 1e-7)
+
+
+@pytest.mark.parametrize("retention", ["l2", "lq", "kl"])
+def test_state_carry_equals_whole(retention: str) -> None:
+    """Two calls with the carried state == one call (split at a chunk boundary)."""
+    rule = MemoryRule(retention=retention)
+    depth = 1 if retention == "kl" else 2
+    kw, _ = _inputs(100, 16, 16, depth, True, rule, seed=5)
+    kw = {n: (t.detach() if torch.is_tensor(t) else t) for n, t in kw.items()}
+    y, st = memory_chunked(chunk_size=16, rule=rule, **kw)
+    split = 48
+    first = {n: (t[:, :, :split] if torch.is_tensor(t) else t) for n, t in kw.items()}
+    second = {n: (t[:, :, split:] if torch.is_tensor(t) else t) for n, t in kw.items()}
+    y1, st1 = memory_chunked(chunk_size=16, rule=rule, **first)
+    y2, st2 = memory_chunked(chunk_size=16, rule=rule, **{**second, "state": st1})
+    assert_close("y", y, torch.cat([y1, y2], dim=2), 1e-6)
+    for a, b in zip(st.weights + st.momentum, st2.weights + st2.momentum):
+        assert_close("state", a, b, 1e-6)
+
+
+def test_dispatch_and_errors() -> None:
+    rule = MemoryRule()
+    kw, _ = _inputs(20, 8, 8, 1, False, rule)
+    kw = {n: (t.detach() if torch.is_tensor(t) else t) for n, t in kw.items()}
+    y_ref, _ = neural_memory(chunk_size=8, impl="reference", **kw)
+    y_chk, _ = neural_memory(chunk_size=8, **kw)
+    assert rel_rms(y_ref, y_chk) < TOL
+    with pytest.raises(ValueError, match="impl"):
+        neural_memory(chunk_size=8, impl="triton", **kw)
+    with pytest.raises(ValueError, match="attn_bias"):
+        MemoryRule(attn_bias="l1")
+    with pytest.raises(ValueError, match="retention"):
+        MemoryRule(retention="l3")
+    with pytest.raises(ValueError, match="huber_delta"):
+        memory_chunked(chunk_size=8, rule=MemoryRule(attn_bias="huber"), **kw)
+    kl2 = {**kw, "state": MemoryState((torch.zeros(H, 8, 16), torch.zeros(H, 16, 8)))}
+    with pytest.raises(ValueError, match="depth 1"):
+        memory_chunked(chunk_size=8, rule=MemoryRule(retention="kl"), **kl2)

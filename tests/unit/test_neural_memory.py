@@ -1,0 +1,115 @@
+"""NeuralMemory layer invariances (STYLE.md habit 4): pieces + carried state == whole,
+causality, retrieval consistency, chunked == reference through the whole layer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.ops.memory import retrieve as memory_retrieve
+from models.sequence.titans import NeuralMemory
+from tests._testing import assert_close
+
+DIM, HEADS, CHUNK = 32, 2, 16
+VARIANTS = {
+    "titans": {},
+    "titans-linear-nomom": {"depth": 1, "momentum": False},
+    "moneta": {"attn_bias": "lp", "retention": "lq", "momentum": False},
+    "yaad": {"attn_bias": "huber", "momentum": False},
+    "memora": {"retention": "kl", "depth": 1, "momentum": False},
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny ops: on the shared 2-core box one OpenMP thread is far faster than two.
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
+def _layer(seed: int = 0, **kw) -> NeuralMemory:
+    torch.manual_seed(seed)
+    return NeuralMemory(DIM, HEADS, CHUNK, expansion=2, **kw)
+
+
+def _x(length: int, batch: int = 2, seed: int = 1) -> torch.Tensor:
+    return torch.randn(batch, length, DIM, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_pieces_equal_whole(variant: str) -> None:
+    mem = _layer(**VARIANTS[variant])
+    x = _x(96)
+    with torch.no_grad():
+        y, st = mem(x)
+        ys, piece_state = [], None
+        for a, b in [(0, 32), (32, 80), (80, 96)]:  # multiples of CHUNK
+            yp, piece_state = mem(x[:, a:b], piece_state)
+            ys.append(yp)
+    assert_close("y", y, torch.cat(ys, dim=1), 1e-5)
+    assert_close("conv", st.conv, piece_state.conv, 0.0)
+    for a, b in zip(st.memory.weights, piece_state.memory.weights):
+        assert_close("memory", a, b, 1e-5)
+
+
+@pytest.mark.parametrize("variant", ["titans", "yaad"])
+def test_causal(variant: str) -> None:
+    """Changing tokens after t (mid-chunk) never changes y at <= t."""
+    mem = _layer(**VARIANTS[variant])
+    x, t = _x(50), 37
+    x2 = x.clone()
+    x2[:, t + 1 :] = torch.randn(2, 50 - t - 1, DIM)
+    with torch.no_grad():
+        y, _ = mem(x)
+        y2, _ = mem(x2)
+    assert torch.equal(y[:, : t + 1], y2[:, : t + 1])
+    assert (y[:, t + 1 :] - y2[:, t + 1 :]).abs().max() > 1e-3
+
+
+def test_backward_reaches_every_parameter() -> None:
+    mem = _layer()
+    y, st = mem(_x(40))
+    (y.square().mean() + sum(w.square().mean() for w in st.memory.weights)).backward()
+    for name, p in mem.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("variant", ["titans", "memora"])
+def test_layer_chunked_matches_reference(variant: str) -> None:
+    """The same layer with impl='reference' (token loop): outputs and parameter gradients."""
+    x = _x(40)
+    res = []
+    for impl in ("reference", "chunked"):
+        mem = _layer(impl=impl, **VARIANTS[variant])
+        y, _ = mem(x)
+        y.square().mean().backward()
+        res.append((y, {n: p.grad for n, p in mem.named_parameters()}))
+    assert_close("y", res[0][0], res[1][0], 1e-5)
+    for name, g in res[0][1].items():
+        assert_close(f"grad {name}", g, res[1][1][name], 1e-4)
+
+
+def test_retrieve_matches_forward_without_writes() -> None:
+    """With theta ~ 0, alpha ~ 0 the write is a no-op, so forward == retrieve at the start."""
+    mem = _layer(momentum=False)
+    with torch.no_grad():
+        mem.gates.weight.zero_()
+        mem.gates.bias.view(3, HEADS)[0].fill_(-40.0)  # theta = max_lr * sigmoid(-40)
+        mem.gates.bias.view(3, HEADS)[2].fill_(-40.0)  # alpha
+        x = _x(40)
+        y, st = mem(x)
+        assert_close("retrieve(x)", y, mem.retrieve(x), 1e-6)
+        q = torch.nn.functional.normalize(torch.randn(2, HEADS, 5, DIM // HEADS), dim=-1)
+        assert_close("retrieve(q)", memory_retrieve(st.memory, q, mem.rule), mem.retrieve(q, st), 0)
+
+
+def test_config_errors() -> None:
+    with pytest.raises(ValueError, match="depth 1"):
+        NeuralMemory(DIM, HEADS, CHUNK, depth=2, retention="kl")
+    with pytest.raises(ValueError, match="divisible"):
+        NeuralMemory(30, 4, CHUNK)
+    with pytest.raises(ValueError, match="attn_bias"):
+        NeuralMemory(DIM, HEADS, CHUNK, attn_bias="cosine")

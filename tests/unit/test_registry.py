@@ -1,0 +1,33 @@
+"""Registry: names, builds, overrides and the papers' parameter counts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import models
+from models.sequence.transformer import NOMINAL_PARAMS
+
+
+def test_list_and_build():
+    names = models.list_models()
+    assert "transformer-tiny" in names and names == sorted(names)
+    m = models.build("transformer-tiny", dim=32, n_heads=2)
+    assert m.cfg.dim == 32 and m.embed.weight.shape == (258, 32)
+
+
+def test_unknown_model_and_field_are_named():
+    with pytest.raises(KeyError, match=r"unknown model 'transformer-huge'; known models: .*tiny"):
+        models.build("transformer-huge")
+    with pytest.raises(ValueError, match=r"no config field\(s\) \['dimm'\]; allowed: .*dim"):
+        models.build("transformer-tiny", dimm=3)
+    with pytest.raises(ValueError, match=r"dim=30 is not divisible by n_heads=4"):
+        models.build("transformer-tiny", dim=30)
+
+
+@pytest.mark.parametrize("name", sorted(NOMINAL_PARAMS))
+def test_paper_sizes_within_two_percent(name):
+    with torch.device("meta"):
+        m = models.build(name)
+    n = sum(p.numel() for p in m.parameters())
+    assert abs(n - NOMINAL_PARAMS[name]) / NOMINAL_PARAMS[name] < 0.02, f"{name}: {n / 1e6:.1f}M"
