@@ -35,5 +35,6 @@ def build_loader(
     target = _SOURCES[cfg.source]
     mod_name, fn_name = target.split(":")
     fn = getattr(importlib.import_module(mod_name), fn_name)
-    return fn(cfg, seq_len=seq_len, batch_size=batch_size, rank=rank, world=world, seed=seed,
-              split=split)
+    return fn(
+        cfg, seq_len=seq_len, batch_size=batch_size, rank=rank, world=world, seed=seed, split=split
+    )

@@ -131,8 +131,11 @@ class IndexedLoader:
             start=self.next_index,
         )
         loader = torch.utils.data.DataLoader(
-            ds, batch_size=None, num_workers=self.num_workers,
-            persistent_workers=False, prefetch_factor=2 if self.num_workers else None,
+            ds,
+            batch_size=None,
+            num_workers=self.num_workers,
+            persistent_workers=False,
+            prefetch_factor=2 if self.num_workers else None,
         )
         for batch in loader:
             # Every rank consumes one batch in lockstep: the global position moves by B * world.

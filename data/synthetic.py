@@ -22,8 +22,22 @@ _FILLER = (
     b"The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 )
 _WORDS = (
-    "apple", "river", "silver", "lantern", "orbit", "maple", "falcon", "harbor", "violet",
-    "copper", "meadow", "quartz", "ember", "glacier", "pepper", "saffron",
+    "apple",
+    "river",
+    "silver",
+    "lantern",
+    "orbit",
+    "maple",
+    "falcon",
+    "harbor",
+    "violet",
+    "copper",
+    "meadow",
+    "quartz",
+    "ember",
+    "glacier",
+    "pepper",
+    "saffron",
 )
 _SPLIT_SALT = {"train": 0, "eval": 1, "test": 2}
 

@@ -28,8 +28,11 @@ def list_text_files(spec: str) -> list[Path]:
     for part in [p for p in spec.split(",") if p]:
         p = Path(part)
         if p.is_dir():
-            out.extend(f for f in sorted(p.rglob("*")) if f.is_file()
-                       and f.suffix.lower() in _TEXT_SUFFIXES)
+            out.extend(
+                f
+                for f in sorted(p.rglob("*"))
+                if f.is_file() and f.suffix.lower() in _TEXT_SUFFIXES
+            )
         elif p.is_file():
             out.append(p)
         else:
@@ -70,7 +73,9 @@ def build_text_loader(
     n_eval = math.ceil(cfg.eval_fraction * n_win) if cfg.eval_fraction > 0 else 0
     if split == "eval":
         if n_eval == 0:
-            raise ValueError("eval on a text source needs data.eval_fraction > 0 (held-out windows)")
+            raise ValueError(
+                "eval on a text source needs data.eval_fraction > 0 (held-out windows)"
+            )
         lo, n = n_win - n_eval, n_eval
     else:
         lo, n = 0, n_win - n_eval

@@ -1,7 +1,7 @@
 """Transformer++ language model on passkey data (or text / shards via --set data.*).
 
-    python launch/transformer_lm.py --preset smoke          # 2 CPU workers, < 2 min
-    python launch/transformer_lm.py --preset full --address auto --workers 8
+python launch/transformer_lm.py --preset smoke          # 2 CPU workers, < 2 min
+python launch/transformer_lm.py --preset full --address auto --workers 8
 """
 
 import dataclasses
@@ -30,11 +30,18 @@ def full() -> JobConfig:
     return dataclasses.replace(
         base,
         model=ModelConfig(name="transformer-340m"),
-        train=dataclasses.replace(base.train, steps=30_000, seq_len=4096, batch_tokens=524_288,
-                                  micro_batch=8, dtype="bf16"),
+        train=dataclasses.replace(
+            base.train,
+            steps=30_000,
+            seq_len=4096,
+            batch_tokens=524_288,
+            micro_batch=8,
+            dtype="bf16",
+        ),
         optim=dataclasses.replace(base.optim, lr=4e-4, warmup_steps=1000),
-        scaling=dataclasses.replace(base.scaling, workers=8, strategy="fsdp", use_gpu="true",
-                                    cpus_per_worker=8),
+        scaling=dataclasses.replace(
+            base.scaling, workers=8, strategy="fsdp", use_gpu="true", cpus_per_worker=8
+        ),
         checkpoint=dataclasses.replace(base.checkpoint, every=1000, keep=3),
         log=dataclasses.replace(base.log, every=10),
     )

@@ -169,7 +169,9 @@ class Checkpointer:
             return self._latest
         p = Path(r)
         if not (p / COMMITTED).exists():
-            raise FileNotFoundError(f"--resume {r}: {p / COMMITTED} does not exist (not a committed checkpoint)")
+            raise FileNotFoundError(
+                f"--resume {r}: {p / COMMITTED} does not exist (not a committed checkpoint)"
+            )
         return p
 
     def restore(self, strategy: Strategy, loader: BatchLoader) -> dict[str, Any] | None:
@@ -197,7 +199,9 @@ class Checkpointer:
         if strategy.name == "deepspeed":
             path, _ = strategy.engine.load_checkpoint(str(d / "ds"), tag="state")
             if path is None:
-                raise FileNotFoundError(f"DeepSpeed checkpoint under {d / 'ds'} could not be loaded")
+                raise FileNotFoundError(
+                    f"DeepSpeed checkpoint under {d / 'ds'} could not be loaded"
+                )
             return
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -205,8 +209,12 @@ class Checkpointer:
         msd, osd = get_state_dict(strategy.module, strategy.optimizer)
         sd = {"model": msd, "optim": osd}
         dcp.load(sd, checkpoint_id=str(d / "dcp"))
-        set_state_dict(strategy.module, strategy.optimizer, model_state_dict=sd["model"],
-                       optim_state_dict=sd["optim"])
+        set_state_dict(
+            strategy.module,
+            strategy.optimizer,
+            model_state_dict=sd["model"],
+            optim_state_dict=sd["optim"],
+        )
 
 
 def _json_safe(obj: Any) -> Any:

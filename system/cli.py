@@ -1,11 +1,11 @@
 """Command line: the flags every recipe shares, and the `mnemo` entry point.
 
-    mnemo train RECIPE [--preset NAME] [--set k=v ...] [--run-dir DIR] [--resume ...] ...
-    mnemo data ...      convert inputs to shards / stores
-    mnemo eval ...      evaluate checkpoints
-    mnemo ckpt ...      inspect / export checkpoints
-    mnemo k8s ...       render KubeRay manifests
-    mnemo models        list registered models
+mnemo train RECIPE [--preset NAME] [--set k=v ...] [--run-dir DIR] [--resume ...] ...
+mnemo data ...      convert inputs to shards / stores
+mnemo eval ...      evaluate checkpoints
+mnemo ckpt ...      inspect / export checkpoints
+mnemo k8s ...       render KubeRay manifests
+mnemo models        list registered models
 """
 
 from __future__ import annotations
@@ -28,18 +28,30 @@ def recipe_parser(recipe: str) -> argparse.ArgumentParser:
         description=f"Train the {recipe} recipe on Ray Train (embedded local Ray by default).",
     )
     p.add_argument("--preset", default="smoke", help=f"one of: {', '.join(C.presets(recipe))}")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set optim.lr=1e-3 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set optim.lr=1e-3 (repeatable)",
+    )
     p.add_argument("--run-dir", default=None, help="default runs/<recipe>-<time>")
     p.add_argument("--resume", default="auto", help="auto | never | PATH of a checkpoint")
     p.add_argument("--address", default="auto", help="auto | local | HOST:PORT (Ray cluster)")
     p.add_argument("--workers", type=int, default=None, help="shortcut for scaling.workers")
-    p.add_argument("--strategy", choices=C.STRATEGIES, default=None,
-                   help="shortcut for scaling.strategy")
-    p.add_argument("--zero", type=int, choices=(1, 2, 3), default=None,
-                   help="shortcut for scaling.zero_stage")
-    p.add_argument("--launcher", choices=("ray", "none"), default="ray",
-                   help="none = run the loop in this process (torchrun / accelerate launch)")
+    p.add_argument(
+        "--strategy", choices=C.STRATEGIES, default=None, help="shortcut for scaling.strategy"
+    )
+    p.add_argument(
+        "--zero", type=int, choices=(1, 2, 3), default=None, help="shortcut for scaling.zero_stage"
+    )
+    p.add_argument(
+        "--launcher",
+        choices=("ray", "none"),
+        default="ray",
+        help="none = run the loop in this process (torchrun / accelerate launch)",
+    )
     p.add_argument("--print-config", action="store_true", help="print the resolved config, exit")
     return p
 
@@ -56,8 +68,9 @@ def resolve(recipe: str, args: argparse.Namespace) -> C.JobConfig:
     overrides += args.overrides
     cfg = C.load(recipe, args.preset, overrides)
     run_dir = args.run_dir or f"runs/{recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return dataclasses.replace(cfg, run_dir=str(Path(run_dir).resolve()), resume=args.resume,
-                               address=args.address)
+    return dataclasses.replace(
+        cfg, run_dir=str(Path(run_dir).resolve()), resume=args.resume, address=args.address
+    )
 
 
 def recipe_main(recipe: str, argv: list[str] | None = None) -> int:

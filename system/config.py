@@ -86,7 +86,9 @@ class OptimConfig:
         _check_positive("optim", "warmup_steps", self.warmup_steps, allow_zero=True)
         _check_positive("optim", "grad_clip", self.grad_clip, allow_zero=True)
         if not (0.0 <= self.min_lr_ratio <= 1.0):
-            raise ValueError(f"optim.min_lr_ratio={self.min_lr_ratio!r}; expected a value in [0, 1]")
+            raise ValueError(
+                f"optim.min_lr_ratio={self.min_lr_ratio!r}; expected a value in [0, 1]"
+            )
 
 
 @dataclass(kw_only=True)
@@ -263,7 +265,9 @@ def _set_path(cfg: Any, key: str, raw: Any, full: str | None = None) -> Any:
             new = dict(cur)
             _set_dict(new, rest, raw)
         else:
-            raise ValueError(f"config key {full!r}: {head!r} is a {type(cur).__name__}, not a section")
+            raise ValueError(
+                f"config key {full!r}: {head!r} is a {type(cur).__name__}, not a section"
+            )
     else:
         if is_dataclass(cur):
             raise ValueError(f"config key {full!r} names a section; set one of its fields instead")
@@ -307,7 +311,9 @@ def _from_dict(cls: type, d: dict[str, Any], prefix: str) -> Any:
     names = {f.name for f in fields(cls)}
     bad = sorted(set(d) - names)
     if bad:
-        raise ValueError(f"unknown config key(s) {[prefix + b for b in bad]}; allowed: {sorted(names)}")
+        raise ValueError(
+            f"unknown config key(s) {[prefix + b for b in bad]}; allowed: {sorted(names)}"
+        )
     kwargs = {}
     for k, v in d.items():
         tp = hints[k]

@@ -8,6 +8,7 @@ torchrun: `torchrun --nproc-per-node 2 -m system.trainer RUN_DIR/config.json`.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -15,8 +16,9 @@ from typing import Any
 from system.config import JobConfig
 
 # Ray Train's controller polls workers every 2 s by default: each report() then costs ~2 s on
-# a small run (ENV-NOTES.md). 0.2 s keeps the overhead under a few percent.
-_RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+# a small run (ENV-NOTES.md). 0.2 s keeps the overhead under a few percent. Train V2 also
+# re-routes print() through a logger that tees it, doubling every console line: turned off.
+_RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
 
 def _ray_worker_entry(config: dict[str, Any]) -> None:
@@ -40,7 +42,8 @@ def connect(address: str, workers: int, cpus_per_worker: float) -> bool:
         return False
     env_vars = {k: os.environ[k] for k in _RAY_ENV}
     env_vars["PYTHONPATH"] = _pythonpath()
-    runtime_env = {"env_vars": env_vars}
+    job_keys = _submitted_job_env_keys()
+    runtime_env = {"env_vars": {k: v for k, v in env_vars.items() if k not in job_keys}}
     if address == "local" or (address == "auto" and not os.environ.get("RAY_ADDRESS")):
         if address == "auto":
             try:  # a head already running on this machine (ray start --head)
@@ -51,7 +54,9 @@ def connect(address: str, workers: int, cpus_per_worker: float) -> bool:
         need = workers * cpus_per_worker
         ray.init(
             num_cpus=max(os.cpu_count() or 1, int(need + 0.999)),
-            include_dashboard=False,
+            include_dashboard=True,  # Train V2 watches its controller through the State API
+            dashboard_host="127.0.0.1",
+            dashboard_port=_free_port(),  # never collide with a head already on 8265
             runtime_env=runtime_env,
             log_to_driver=True,
         )
@@ -59,6 +64,26 @@ def connect(address: str, workers: int, cpus_per_worker: float) -> bool:
     target = "auto" if address == "auto" else address
     ray.init(address=target, runtime_env=runtime_env, log_to_driver=True)
     return False
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _submitted_job_env_keys() -> set[str]:
+    """env_vars that `ray job submit --runtime-env` already set for this driver (a RayJob's).
+
+    ray.init refuses a runtime_env repeating one of the job's env_vars keys ("Failed to merge
+    the Job's runtime env"), so for those keys the job's value stands and ours is left out.
+    """
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")  # set by Ray's job supervisor
+    if not raw:
+        return set()
+    return set((json.loads(raw).get("runtime_env") or {}).get("env_vars") or {})
 
 
 def _pythonpath() -> str:
@@ -113,7 +138,9 @@ def run(cfg: JobConfig) -> dict[str, Any]:
             cfg_gpu = "true" if _cluster_has_gpus() else "false"
             import dataclasses
 
-            cfg = dataclasses.replace(cfg, scaling=dataclasses.replace(cfg.scaling, use_gpu=cfg_gpu))
+            cfg = dataclasses.replace(
+                cfg, scaling=dataclasses.replace(cfg.scaling, use_gpu=cfg_gpu)
+            )
         Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
         cfg.save(Path(cfg.run_dir) / "config.json")
         result = build_trainer(cfg).fit()

@@ -8,7 +8,6 @@ samples come from behind `data.build_loader`.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -23,7 +22,14 @@ import models
 from system import faults
 from system.checkpoint import Checkpointer
 from system.config import JobConfig, from_dict
-from system.dist import DistEnv, all_reduce_mean, all_reduce_sum, barrier, init_distributed, seed_all
+from system.dist import (
+    DistEnv,
+    all_reduce_mean,
+    all_reduce_sum,
+    barrier,
+    init_distributed,
+    seed_all,
+)
 from system.metrics import MetricsWriter, console_line, memory_gb, peak_flops, plot_loss
 from system.strategies import build_strategy
 
@@ -75,8 +81,13 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
 def evaluate(model: torch.nn.Module, cfg: JobConfig, env: DistEnv, strategy) -> float:
     """Mean held-out loss over eval.batches micro-batches per rank, the same batches each time."""
     loader = data.build_loader(
-        cfg.data, seq_len=cfg.train.seq_len, batch_size=cfg.train.micro_batch,
-        rank=env.rank, world=env.world, seed=cfg.train.seed, split="eval",
+        cfg.data,
+        seq_len=cfg.train.seq_len,
+        batch_size=cfg.train.micro_batch,
+        rank=env.rank,
+        world=env.world,
+        seed=cfg.train.seed,
+        split="eval",
     )
     was_training = model.training
     model.eval()
@@ -114,8 +125,12 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
 
     accum = accum_steps(cfg, env.world)
     loader = data.build_loader(
-        cfg.data, seq_len=cfg.train.seq_len, batch_size=cfg.train.micro_batch,
-        rank=env.rank, world=env.world, seed=cfg.train.seed,
+        cfg.data,
+        seq_len=cfg.train.seq_len,
+        batch_size=cfg.train.micro_batch,
+        rank=env.rank,
+        world=env.world,
+        seed=cfg.train.seed,
     )
     strategy = build_strategy(cfg, model, env.device, env.world, accum)
     ckpt = Checkpointer(cfg, env, run_dir)
@@ -127,7 +142,11 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     writer.truncate_after(state.step)
 
     n_params = sum(p.numel() for p in model.parameters())
-    fpt = model.flops_per_token(cfg.train.seq_len) if hasattr(model, "flops_per_token") else 6.0 * n_params
+    fpt = (
+        model.flops_per_token(cfg.train.seq_len)
+        if hasattr(model, "flops_per_token")
+        else 6.0 * n_params
+    )
     peak = peak_flops(env.device)
     if is_main:
         print(
@@ -163,8 +182,9 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         eval_now = cfg.eval.every > 0 and (step % cfg.eval.every == 0 or step == cfg.train.steps)
         if log_now or eval_now:
             now = time.perf_counter()
-            mean_loss, gnorm = all_reduce_mean([loss_sum / max(loss_n, 1), grad_norm or 0.0],
-                                               env.world, env.device)
+            mean_loss, gnorm = all_reduce_mean(
+                [loss_sum / max(loss_n, 1), grad_norm or 0.0], env.world, env.device
+            )
             skipped = int(all_reduce_sum([loader.info.skipped_samples], env.world, env.device)[0])
             dt = max(now - t_last, 1e-9)
             tps = (state.tokens - tok_last) / dt
@@ -193,8 +213,9 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
             t_last, tok_last, step_last = time.perf_counter(), state.tokens, step
 
         if ckpt.due(step):
-            ckpt.save(step, strategy, loader, {"step": state.step, "tokens": state.tokens},
-                      metrics=last)
+            ckpt.save(
+                step, strategy, loader, {"step": state.step, "tokens": state.tokens}, metrics=last
+            )
 
     ckpt.finalize()
     wall = time.perf_counter() - t_start

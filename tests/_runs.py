@@ -51,12 +51,22 @@ def run_torchrun(cfg: C.JobConfig, nproc: int, timeout: int = 300) -> subprocess
     cfg_file = path / "job.json"
     cfg_file.write_text(json.dumps(cfg.to_dict()))
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-        "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-        "-m", "system.trainer", str(cfg_file),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(nproc),
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+        "-m",
+        "system.trainer",
+        str(cfg_file),
     ]
-    return subprocess.run(cmd, cwd=ROOT, env=env_for_subprocess(), capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        cmd, cwd=ROOT, env=env_for_subprocess(), capture_output=True, text=True, timeout=timeout
+    )
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -64,4 +74,6 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 def check(proc: subprocess.CompletedProcess) -> None:
-    assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-6000:]}"
+    )

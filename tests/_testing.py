@@ -18,7 +18,9 @@ def rel_rms(ref: torch.Tensor, out: torch.Tensor) -> float:
 
 def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, tol: float) -> None:
     """Fail with the tensor's name and the measured error when rel-RMS exceeds `tol`."""
-    assert ref.shape == out.shape, f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+    assert ref.shape == out.shape, (
+        f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+    )
     assert torch.isfinite(out).all(), f"{name}: non-finite values"
     err = rel_rms(ref, out)
     assert err <= tol, f"{name}: relative RMS error {err:.3e} > tolerance {tol:.1e}"

@@ -132,8 +132,12 @@ def attention(
             raise RuntimeError("flash-attn needs queries aligned to the end of the keys")
         win = (window - 1, 0) if window is not None else (-1, -1 if not causal else 0)
         out = _flash_attn_func(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            causal=causal, window_size=win, softmax_scale=scale,
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            causal=causal,
+            window_size=win,
+            softmax_scale=scale,
         )
         return out.transpose(1, 2)
     if window is not None and causal and lq > 2 * window:
@@ -166,7 +170,9 @@ def _windowed_sdpa(q, k, v, *, q_offset, window, prefix, scale):
             e - s, a1 - k0, q_offset=a0, causal=True, window=window, k_offset=k0, device=q.device
         )
         if prefix:
-            mask = torch.cat([torch.ones(e - s, prefix, dtype=torch.bool, device=q.device), mask], 1)
+            mask = torch.cat(
+                [torch.ones(e - s, prefix, dtype=torch.bool, device=q.device), mask], 1
+            )
         outs.append(_sdpa(q[:, :, s:e], ks, vs, mask, scale))
     return torch.cat(outs, dim=2)
 

@@ -9,7 +9,9 @@ def rope_angles(
     positions: torch.Tensor, head_dim: int, theta: float = 10000.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape (L, head_dim // 2) for integer `positions` (L,)."""
-    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
+    inv = 1.0 / (
+        theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    )
     ang = positions.float()[:, None] * inv[None, :]
     return ang.cos(), ang.sin()
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from models.layers.attention import attention
@@ -111,7 +110,11 @@ class Transformer(nn.Module):
             if p.dim() == 2:
                 # Output projections scaled by depth, as GPT-2 / nanoGPT do, to keep the
                 # residual stream's variance flat at init.
-                s = std / (2 * self.cfg.n_layers) ** 0.5 if name.endswith(("wo.weight", "w2.weight")) else std
+                s = (
+                    std / (2 * self.cfg.n_layers) ** 0.5
+                    if name.endswith(("wo.weight", "w2.weight"))
+                    else std
+                )
                 nn.init.normal_(p, 0.0, s)
 
     def forward(self, tokens: torch.Tensor, state: KVState | None = None) -> SeqOutput:
@@ -145,12 +148,15 @@ _SIZES = {
     "transformer-tiny": lambda: _cfg(dim=64, n_layers=2, n_heads=4),
     "transformer-small": lambda: _cfg(dim=256, n_layers=4, n_heads=4),
     # Transformer++ sizes of the Titans / Miras tables (Llama-2 32K vocab, untied head).
-    "transformer-170m": lambda: _cfg(vocab_size=32000, dim=768, n_layers=12, n_heads=12, ffn_hidden=3328,
-                                     tie_embeddings=False),
-    "transformer-340m": lambda: _cfg(vocab_size=32000, dim=1024, n_layers=24, n_heads=16, ffn_hidden=2368,
-                                     tie_embeddings=False),
-    "transformer-760m": lambda: _cfg(vocab_size=32000, dim=1536, n_layers=24, n_heads=16, ffn_hidden=3904,
-                                     tie_embeddings=False),
+    "transformer-170m": lambda: _cfg(
+        vocab_size=32000, dim=768, n_layers=12, n_heads=12, ffn_hidden=3328, tie_embeddings=False
+    ),
+    "transformer-340m": lambda: _cfg(
+        vocab_size=32000, dim=1024, n_layers=24, n_heads=16, ffn_hidden=2368, tie_embeddings=False
+    ),
+    "transformer-760m": lambda: _cfg(
+        vocab_size=32000, dim=1536, n_layers=24, n_heads=16, ffn_hidden=3904, tie_embeddings=False
+    ),
 }
 
 for _name, _fn in _SIZES.items():

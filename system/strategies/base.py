@@ -65,8 +65,9 @@ class Strategy:
 
     name = "base"
 
-    def __init__(self, cfg: JobConfig, model: nn.Module, device: torch.device, world: int,
-                 accum: int) -> None:
+    def __init__(
+        self, cfg: JobConfig, model: nn.Module, device: torch.device, world: int, accum: int
+    ) -> None:
         self.cfg = cfg
         self.device = device
         self.world = world

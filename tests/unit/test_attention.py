@@ -21,8 +21,15 @@ def _qkv(b=2, h=4, hkv=2, lq=37, lk=37, d=16, seed=0):
 
 @pytest.mark.parametrize(
     "lq,lk,window,prefix",
-    [(37, 37, None, 0), (5, 37, None, 0), (37, 37, 8, 0), (37, 41, 8, 4), (100, 100, 16, 0),
-     (100, 104, 16, 4), (1, 50, 8, 0)],
+    [
+        (37, 37, None, 0),
+        (5, 37, None, 0),
+        (37, 37, 8, 0),
+        (37, 41, 8, 4),
+        (100, 100, 16, 0),
+        (100, 104, 16, 4),
+        (1, 50, 8, 0),
+    ],
 )
 def test_sdpa_matches_reference(lq, lk, window, prefix):
     q, k, v = _qkv(lq=lq, lk=lk)

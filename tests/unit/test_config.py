@@ -14,9 +14,16 @@ from tests._runs import ROOT
 
 
 def test_override_coerces_types():
-    cfg = C.apply_overrides(C.JobConfig(), ["optim.lr=1e-3", "train.steps=7",
-                                            "scaling.activation_checkpointing=true",
-                                            "model.args.dim=32", "model.args.window=null"])
+    cfg = C.apply_overrides(
+        C.JobConfig(),
+        [
+            "optim.lr=1e-3",
+            "train.steps=7",
+            "scaling.activation_checkpointing=true",
+            "model.args.dim=32",
+            "model.args.window=null",
+        ],
+    )
     assert cfg.optim.lr == 1e-3 and isinstance(cfg.optim.lr, float)
     assert cfg.train.steps == 7 and isinstance(cfg.train.steps, int)
     assert cfg.scaling.activation_checkpointing is True
@@ -73,15 +80,36 @@ def test_presets_build_on_base():
 def test_cli_flags_resolve(tmp_path, capsys):
     import launch.transformer_lm  # noqa: F401
 
-    rc = recipe_main("transformer_lm", [
-        "--preset", "smoke", "--workers", "3", "--strategy", "deepspeed", "--zero", "3",
-        "--set", "optim.lr=0.01", "--run-dir", str(tmp_path / "r"), "--resume", "never",
-        "--address", "local", "--print-config",
-    ])
+    rc = recipe_main(
+        "transformer_lm",
+        [
+            "--preset",
+            "smoke",
+            "--workers",
+            "3",
+            "--strategy",
+            "deepspeed",
+            "--zero",
+            "3",
+            "--set",
+            "optim.lr=0.01",
+            "--run-dir",
+            str(tmp_path / "r"),
+            "--resume",
+            "never",
+            "--address",
+            "local",
+            "--print-config",
+        ],
+    )
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["scaling"] == {**out["scaling"], "workers": 3, "strategy": "deepspeed",
-                              "zero_stage": 3}
+    assert out["scaling"] == {
+        **out["scaling"],
+        "workers": 3,
+        "strategy": "deepspeed",
+        "zero_stage": 3,
+    }
     assert out["optim"]["lr"] == 0.01 and out["resume"] == "never" and out["address"] == "local"
     assert out["run_dir"] == str((tmp_path / "r").resolve())
 
@@ -89,7 +117,10 @@ def test_cli_flags_resolve(tmp_path, capsys):
 def test_cli_rejects_unknown_key_with_exit_2():
     proc = subprocess.run(
         [sys.executable, "launch/transformer_lm.py", "--set", "train.stepps=3", "--print-config"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert "unknown config key 'train.stepps'" in proc.stderr

@@ -17,8 +17,11 @@ from tests._testing import assert_close
 
 
 def _tiny_sequence_models() -> list[str]:
-    return [n for n in models.list_models()
-            if n.endswith("-tiny") and models.get_spec(n).kind == "sequence"]
+    return [
+        n
+        for n in models.list_models()
+        if n.endswith("-tiny") and models.get_spec(n).kind == "sequence"
+    ]
 
 
 def _vocab(model) -> int:
