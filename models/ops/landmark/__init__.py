@@ -1,0 +1,12 @@
+"""Landmark attention's grouped softmax: a dense row-by-row reference beside the vectorised op."""
+
+from .grouped import landmark_attention, landmark_softmax
+from .reference import landmark_attention_reference, landmark_mask, landmark_softmax_reference
+
+__all__ = [
+    "landmark_attention",
+    "landmark_attention_reference",
+    "landmark_mask",
+    "landmark_softmax",
+    "landmark_softmax_reference",
+]
