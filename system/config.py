@@ -248,31 +248,29 @@ def _parse_literal(raw: str) -> Any:
         return raw
 
 
-def _set_path(cfg: Any, key: str, raw: Any, full: str | None = None) -> Any:
-    """Return a copy of dataclass `cfg` with dotted `key` set (validated by __post_init__)."""
-    full = full or key
+def _set_path(cls: type, d: dict[str, Any], key: str, raw: Any, full: str) -> None:
+    """Set dotted `key` in `d` (the dict form of dataclass `cls`), coercing to the field type.
+
+    Values are checked for type here; cross-field rules (__post_init__) run once all
+    overrides are in, so `--set data.source=shards --set data.path=DIR` works in any order.
+    """
     head, _, rest = key.partition(".")
-    names = {f.name: f for f in fields(cfg)}
+    names = [f.name for f in fields(cls)]
     if head not in names:
         raise ValueError(f"unknown config key {full!r}; allowed here: {', '.join(names)}")
-    hints = typing.get_type_hints(type(cfg))
-    tp = hints[head]
-    cur = getattr(cfg, head)
+    tp = typing.get_type_hints(cls)[head]
     if rest:
-        if is_dataclass(cur):
-            new = _set_path(cur, rest, raw, full)
-        elif isinstance(cur, dict):
-            new = dict(cur)
-            _set_dict(new, rest, raw)
+        if is_dataclass(tp):
+            _set_path(tp, d[head], rest, raw, full)
+        elif isinstance(d[head], dict):
+            d[head] = dict(d[head])
+            _set_dict(d[head], rest, raw)
         else:
-            raise ValueError(
-                f"config key {full!r}: {head!r} is a {type(cur).__name__}, not a section"
-            )
+            raise ValueError(f"config key {full!r}: {head!r} is a value, not a section")
     else:
-        if is_dataclass(cur):
+        if is_dataclass(tp):
             raise ValueError(f"config key {full!r} names a section; set one of its fields instead")
-        new = _coerce(full, raw, tp)
-    return dataclasses.replace(cfg, **{head: new})
+        d[head] = _coerce(full, raw, tp)
 
 
 def _set_dict(d: dict, key: str, raw: Any) -> None:
@@ -287,11 +285,12 @@ def _set_dict(d: dict, key: str, raw: Any) -> None:
 
 
 def apply_overrides(cfg: JobConfig, overrides: list[str] | dict[str, Any]) -> JobConfig:
-    """Apply `["a.b=c", ...]` (or a dict) in order; each is validated as it is set."""
+    """Apply `["a.b=c", ...]` (or a dict) in order, then validate the result as a whole."""
     items = overrides.items() if isinstance(overrides, dict) else map(_split_override, overrides)
+    d = cfg.to_dict()
     for key, raw in items:
-        cfg = _set_path(cfg, key, raw)
-    return cfg
+        _set_path(JobConfig, d, key, raw, key)
+    return from_dict(d)
 
 
 def _split_override(text: str) -> tuple[str, str]:

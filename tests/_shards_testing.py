@@ -34,8 +34,13 @@ def write_dataset(root: Path, docs: list[bytes], *, shard_size: str = "4KB") -> 
 
 def read_rows(loader: ShardLoader, n_batches: int) -> list[tuple[int, np.ndarray, np.ndarray]]:
     """(global token start, tokens (L+1,), doc_ids (L,)) of each row of the next batches."""
-    start, bsz, world, rank, L = (loader.token, loader.batch_size, loader.world, loader.rank,
-                                  loader.seq_len)
+    start, bsz, world, rank, L = (
+        loader.token,
+        loader.batch_size,
+        loader.world,
+        loader.rank,
+        loader.seq_len,
+    )
     rows = []
     for b, batch in enumerate(islice(loader, n_batches)):
         assert batch["tokens"].shape == (bsz, L + 1), batch["tokens"].shape

@@ -26,11 +26,11 @@ def _cfg(path: str, workers: int) -> DataConfig:
 
 
 def _rank(rank: int, world: int, path: str, tmp: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/pg", rank=rank,
-                            world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/pg", rank=rank, world_size=world)
     try:
-        ld = build_shard_loader(_cfg(path, 2), seq_len=L, batch_size=B, rank=rank,
-                                world=world, seed=SEED)
+        ld = build_shard_loader(
+            _cfg(path, 2), seq_len=L, batch_size=B, rank=rank, world=world, seed=SEED
+        )
         before = read_rows(ld, STOP)
         state = ld.state_dict()
         n_epoch = math.ceil(ld.source.epoch_tokens / (B * L * world))
@@ -63,12 +63,12 @@ def test_gloo_ranks_disjoint_complete_then_elastic_resume(tmp_path: Path) -> Non
     mp.spawn(_rank, args=(2, path, str(tmp_path)), nprocs=2, join=True)
     stopped = json.loads((tmp_path / "stopped.json").read_text())
     assert stopped["state"]["token"] == STOP * B * L * 2
-    one = build_shard_loader(_cfg(path, 3), seq_len=L, batch_size=B, rank=0, world=1,
-                             seed=SEED)
+    one = build_shard_loader(_cfg(path, 3), seq_len=L, batch_size=B, rank=0, world=1, seed=SEED)
     one.load_state_dict(stopped["state"])
     rest = math.ceil((one.source.epoch_tokens - one.token) / (B * L))
     rows = [(s, np.array(t), np.array(i)) for s, t, i in stopped["before"]]
     rows += read_rows(one, rest)
     check_epoch_once(rows, one.source, docs)
-    assert torch.equal(torch.tensor([r[0] for r in rows]).sort().values,
-                       torch.arange(len(rows)) * L)
+    assert torch.equal(
+        torch.tensor([r[0] for r in rows]).sort().values, torch.arange(len(rows)) * L
+    )

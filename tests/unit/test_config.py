@@ -124,3 +124,10 @@ def test_cli_rejects_unknown_key_with_exit_2():
     )
     assert proc.returncode == 2
     assert "unknown config key 'train.stepps'" in proc.stderr
+
+
+def test_overrides_validate_after_all_are_applied():
+    cfg = C.apply_overrides(C.JobConfig(), ["data.source=shards", "data.path=/tmp/x"])
+    assert (cfg.data.source, cfg.data.path) == ("shards", "/tmp/x")
+    with pytest.raises(ValueError, match="data.path is empty; data.source='shards' needs a path"):
+        C.apply_overrides(C.JobConfig(), ["data.source=shards"])

@@ -25,7 +25,7 @@ def _tree(root: Path) -> tuple[Path, list[bytes]]:
     (d / "b" / "c").mkdir(parents=True)
     (d / ".git").mkdir()
     docs_by_path = {
-        "a.txt": "plain ascii\n".encode() * 30,
+        "a.txt": b"plain ascii\n" * 30,
         "b/c/utf8.md": "héllo wörld — ünïcode ✓\n".encode() * 7,
         "b/latin1.txt": "caf\xe9 cr\xe8me\n".encode("latin-1"),
     }
@@ -38,8 +38,13 @@ def _tree(root: Path) -> tuple[Path, list[bytes]]:
     (d / "b" / "prog.bin").write_bytes(BINARY)
     (d / ".git" / "HEAD").write_bytes(b"ref: refs/heads/main\n")
     # Sorted walk: a.txt, b/c/utf8.md, b/d.jsonl, b/latin1.txt, b/prog.bin (skipped), b/z.txt.gz
-    docs = [docs_by_path["a.txt"], docs_by_path["b/c/utf8.md"],
-            *[x["text"].encode() for x in lines], docs_by_path["b/latin1.txt"], gz_text]
+    docs = [
+        docs_by_path["a.txt"],
+        docs_by_path["b/c/utf8.md"],
+        *[x["text"].encode() for x in lines],
+        docs_by_path["b/latin1.txt"],
+        gz_text,
+    ]
     return d, docs
 
 
@@ -54,8 +59,7 @@ def test_text_accounts_for_every_byte_and_reads_with_plain_webdataset(tmp_path: 
     extra = tmp_path / "extra.txt"
     extra.write_bytes(b"one more file\n")
     docs.append(extra.read_bytes())
-    meta = convert_text([str(src), str(extra)], tmp_path / "out", shard_size="2KB",
-                        progress=False)
+    meta = convert_text([str(src), str(extra)], tmp_path / "out", shard_size="2KB", progress=False)
     s, t = meta["inputs"], meta["totals"]
     on_disk = sum(p.stat().st_size for p in [*src.rglob("*"), extra] if p.is_file())
     assert s["disk_bytes"] + s["skipped_binary_bytes"] + s["skipped_hidden_bytes"] == on_disk
@@ -75,11 +79,15 @@ def test_shards_are_plain_tar(tmp_path: Path) -> None:
     convert_text([str(src)], tmp_path / "out", shard_size="2KB", progress=False)
     names = []
     for shard in sorted((tmp_path / "out").glob("shard-*.tar")):
-        names += subprocess.run(["tar", "-tf", str(shard)], check=True, capture_output=True,
-                                text=True).stdout.split()
+        names += subprocess.run(
+            ["tar", "-tf", str(shard)], check=True, capture_output=True, text=True
+        ).stdout.split()
     assert names == [f"{i:010d}.tokens.npy" for i in range(len(docs))]
-    first = subprocess.run(["tar", "-xOf", str(tmp_path / "out" / "shard-000000.tar"),
-                            names[0]], check=True, capture_output=True).stdout
+    first = subprocess.run(
+        ["tar", "-xOf", str(tmp_path / "out" / "shard-000000.tar"), names[0]],
+        check=True,
+        capture_output=True,
+    ).stdout
     arr = np.load(io.BytesIO(first), allow_pickle=False)
     assert bytes(arr.astype(np.uint8)) == docs[0]
 
@@ -121,8 +129,7 @@ def test_cli_summary_progress_force_and_errors(tmp_path: Path, capsys) -> None:
     assert main(["text", "--input", str(tmp_path / "missing"), "--out", out, "--force"]) == 2
     assert "missing' is neither a file nor a directory" in capsys.readouterr().err
     assert main(["--help"]) == 0 and "text" in capsys.readouterr().out
-    assert main(["text", "--input", str(src), "--out", out, "--force",
-                 "--shard-size", "lots"]) == 2
+    assert main(["text", "--input", str(src), "--out", out, "--force", "--shard-size", "lots"]) == 2
     assert "expected a size like 256MB" in capsys.readouterr().err
 
 
@@ -134,8 +141,12 @@ def test_large_vocabulary_writes_uint32(tmp_path: Path) -> None:
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.save(str(tmp_path / "tokenizer.json"))
     (tmp_path / "a.txt").write_text("w5 w69999 w12 nope")
-    meta = convert_text([str(tmp_path / "a.txt")], tmp_path / "out", progress=False,
-                        tokenizer=str(tmp_path / "tokenizer.json"))
+    meta = convert_text(
+        [str(tmp_path / "a.txt")],
+        tmp_path / "out",
+        progress=False,
+        tokenizer=str(tmp_path / "tokenizer.json"),
+    )
     assert (meta["dtype"], meta["vocab_size"], meta["sep_id"]) == ("uint32", 70_002, 70_001)
     [(_, arr)] = _wds_tokens(tmp_path / "out")
     assert arr.dtype == np.uint32 and arr.tolist() == [5, 69_999, 12, 70_000]
@@ -166,8 +177,21 @@ def test_image_classes(tmp_path: Path) -> None:
             fmt = "PNG" if i % 2 else "JPEG"
             _img(src / name / f"{i}.{fmt.lower()}", (8 + c, 6), fmt, 40 * c)
     (src / "dog" / "README.txt").write_text("not an image")
-    assert main(["images", "--input", str(src), "--out", str(tmp_path / "out"),
-                 "--shard-size", "4KB", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "images",
+                "--input",
+                str(src),
+                "--out",
+                str(tmp_path / "out"),
+                "--shard-size",
+                "4KB",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     meta = json.loads((tmp_path / "out" / "index.json").read_text())
     assert meta["kind"] == "image_classes" and meta["classes"] == ["cat", "dog", "emu"]
     assert meta["class_counts"] == [4, 4, 4] and meta["inputs"]["skipped_non_image"] == 1
@@ -187,11 +211,13 @@ def test_image_pairs(tmp_path: Path) -> None:
         _img(src / "DIV2K_LR_x2" / f"{i:04d}x2.png", (4, 4), "PNG", 10 * i)
         _img(src / "DIV2K_HR" / f"{i:04d}.png", (8, 8), "PNG", 10 * i)
     _img(src / "DIV2K_HR" / "0099.png", (8, 8), "PNG", 0)  # no LR partner
-    assert main(["images", "--input", str(src), "--out", str(tmp_path / "out"),
-                 "--no-progress"]) == 0
+    assert (
+        main(["images", "--input", str(src), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    )
     meta = json.loads((tmp_path / "out" / "index.json").read_text())
     assert meta["kind"] == "image_pairs" and meta["pairs"] == 3
     assert meta["inputs"]["unmatched_hr"] == 1
-    samples = list(wds.WebDataset(str(tmp_path / "out" / "shard-000000.tar"),
-                                  shardshuffle=False).decode("pil"))
+    samples = list(
+        wds.WebDataset(str(tmp_path / "out" / "shard-000000.tar"), shardshuffle=False).decode("pil")
+    )
     assert [(s["lr.png"].size, s["hr.png"].size) for s in samples] == [((4, 4), (8, 8))] * 3

@@ -58,11 +58,17 @@ def test_pack_documents_matches_reference_and_resumes(seq_len: int) -> None:
 
 
 def test_unreadable_document_is_masked_and_counted_once() -> None:
-    docs = [np.arange(10, dtype=np.uint16), np.arange(100, 130, dtype=np.uint16),
-            np.arange(20, dtype=np.uint16)]
+    docs = [
+        np.arange(10, dtype=np.uint16),
+        np.arange(100, 130, dtype=np.uint16),
+        np.arange(20, dtype=np.uint16),
+    ]
     bad = 1
-    kw = dict(length=lambda d: len(docs[d]), sep=SEP,
-              read=lambda d, lo, hi: None if d == bad else docs[d][lo:hi])
+    kw = dict(
+        length=lambda d: len(docs[d]),
+        sep=SEP,
+        read=lambda d, lo, hi: None if d == bad else docs[d][lo:hi],
+    )
     seq_len, pos, total, masks = 16, DocPos(0, 0), 0, []
     for _ in range(3):  # doc 1 (tokens 11..40) spans sequences 0, 1 and 2
         tok = np.empty(seq_len + 1, np.int64)
@@ -100,8 +106,9 @@ def test_seq_len_bounds() -> None:
 
 def test_two_million_token_sequences() -> None:
     rng = np.random.default_rng(0)
-    docs = [rng.integers(0, 256, size=n).astype(np.uint16) for n in (1_500_000, 3, 2_000_000,
-                                                                     700_000)]
+    docs = [
+        rng.integers(0, 256, size=n).astype(np.uint16) for n in (1_500_000, 3, 2_000_000, 700_000)
+    ]
     ref = reference_pack(docs, MAX_SEQ_LEN, SEP)
     got = list(islice(pack_documents(iter(docs), MAX_SEQ_LEN, SEP), 3))
     assert len(got) == len(ref) == 2

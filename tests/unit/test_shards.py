@@ -4,6 +4,7 @@ bad data (raise names shard and key; skip masks and counts), held-out eval shard
 from __future__ import annotations
 
 import io
+import json
 import shutil
 import tarfile
 from itertools import islice
@@ -28,12 +29,22 @@ def ds(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[bytes]]:
     return write_dataset(tmp_path_factory.mktemp("ds"), docs), docs
 
 
-def _loader(path: str | Path, *, rank: int = 0, world: int = 1, workers: int = 0, seed: int = 7,
-            buffer: int = 8, on_error: str = "raise", seq_len: int = L,
-            batch: int = B) -> ShardLoader:
+def _loader(
+    path: str | Path,
+    *,
+    rank: int = 0,
+    world: int = 1,
+    workers: int = 0,
+    seed: int = 7,
+    buffer: int = 8,
+    on_error: str = "raise",
+    seq_len: int = L,
+    batch: int = B,
+) -> ShardLoader:
     src = ShardSource.open(str(path), seed=seed, shuffle_buffer=buffer, on_error=on_error)
-    return ShardLoader(src, seq_len=seq_len, batch_size=batch, rank=rank, world=world,
-                       num_workers=workers)
+    return ShardLoader(
+        src, seq_len=seq_len, batch_size=batch, rank=rank, world=world, num_workers=workers
+    )
 
 
 def _global(rows: list) -> list[tuple[int, list[int], list[int]]]:
@@ -54,8 +65,9 @@ def test_order_is_independent_of_world_size_and_workers(ds) -> None:
     for world, workers in ((2, 0), (3, 2)):
         rows = []
         for rank in range(world):
-            rows += read_rows(_loader(path, rank=rank, world=world, workers=workers),
-                              n_seq // (B * world))
+            rows += read_rows(
+                _loader(path, rank=rank, world=world, workers=workers), n_seq // (B * world)
+            )
         assert _global(rows) == ref, f"world={world} workers={workers} changed the order"
 
 
@@ -82,11 +94,13 @@ def test_resume_mid_epoch_is_exact(ds) -> None:
     part = read_rows(first, 5)
     state = first.state_dict()
     assert state["token"] == 5 * B * L and state["epoch"] == 0
+    assert json.loads(json.dumps(state)) == state  # checkpoints store it as JSON
     again = _loader(path, workers=2)
     again.load_state_dict(state)
     assert _global(part + read_rows(again, 7)) == whole
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
 def test_elastic_resume_2x2_to_1x3(ds) -> None:
     path, docs = ds
     ranks = [_loader(path, rank=r, world=2, workers=2) for r in range(2)]
@@ -129,8 +143,9 @@ def test_shard_pattern_without_index_scans_headers(ds) -> None:
 
 def test_build_loader_dispatch_and_eval_split(ds) -> None:
     path, _ = ds
-    cfg = DataConfig(source="shards", path=str(path), num_workers=1, shuffle_buffer=8,
-                     eval_fraction=0.25)
+    cfg = DataConfig(
+        source="shards", path=str(path), num_workers=1, shuffle_buffer=8, eval_fraction=0.25
+    )
     kw = dict(seq_len=32, batch_size=2, rank=0, world=1, seed=3)
     train, ev = data.build_loader(cfg, **kw), data.build_loader(cfg, split="eval", **kw)
     batch = next(iter(train))
@@ -166,28 +181,35 @@ def _copy(ds, tmp_path: Path) -> Path:
 def _member(path: Path, shard: int, row: int) -> tuple[Path, str, int, int, int]:
     table = np.load(path / f"shard-{shard:06d}.idx.npy", allow_pickle=False)
     r = table[row]
-    return (path / f"shard-{shard:06d}.tar", r["key"].decode(), int(r["member"]),
-            int(r["data"]), int(r["ntok"]))
+    return (
+        path / f"shard-{shard:06d}.tar",
+        r["key"].decode(),
+        int(r["member"]),
+        int(r["data"]),
+        int(r["ntok"]),
+    )
 
 
-def _read_epoch(path: Path, on_error: str) -> tuple[list, ShardLoader]:
-    ld = _loader(path, on_error=on_error)
+def _read_epoch(path: Path, on_error: str, workers: int = 0) -> tuple[list, ShardLoader]:
+    ld = _loader(path, on_error=on_error, workers=workers)
     n = -(-ld.source.epoch_tokens // (B * L))
     rows, masks = [], []
     for batch in islice(ld, n):
         rows.append(batch["tokens"].numpy())
-        masks.append(batch["loss_mask"].numpy() if "loss_mask" in batch else
-                     np.ones((B, L), np.float32))
+        masks.append(
+            batch["loss_mask"].numpy() if "loss_mask" in batch else np.ones((B, L), np.float32)
+        )
     return [np.concatenate(rows), np.concatenate(masks)], ld
 
 
-def _check_raise_and_skip(path: Path, clean: Path, shard: Path, key: str, what: str,
-                          n_bad: int = 1) -> None:
+def _check_raise_and_skip(
+    path: Path, clean: Path, shard: Path, key: str, what: str, n_bad: int = 1, workers: int = 0
+) -> None:
     with pytest.raises(ShardDataError, match=what) as err:
-        _read_epoch(path, "raise")
+        _read_epoch(path, "raise", workers)
     assert str(shard) in str(err.value) and key in str(err.value), str(err.value)
     assert "data.on_error=skip" in str(err.value)
-    (tok, mask), ld = _read_epoch(path, "skip")
+    (tok, mask), ld = _read_epoch(path, "skip", workers)
     assert ld.info.skipped_samples == n_bad
     (ref, _), _ = _read_epoch(clean, "skip")
     tok, ref = tok[:, 1:], ref[:, 1:]  # loss_mask[t] weighs the target tokens[t + 1]
@@ -215,7 +237,7 @@ def test_truncated_shard(ds, tmp_path: Path) -> None:
         f.truncate(cut)
     n_bad = int((table["data"] + 2 * table["ntok"] > cut).sum())
     key = table["key"][1].decode()
-    _check_raise_and_skip(path, ds[0], shard, key, "truncated", n_bad=n_bad)
+    _check_raise_and_skip(path, ds[0], shard, key, "truncated", n_bad=n_bad, workers=2)
 
 
 def test_wrong_dtype_in_place(ds, tmp_path: Path) -> None:
@@ -241,8 +263,10 @@ def _hand_tar(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 @pytest.mark.parametrize(
     ("bad", "what"),
-    [(np.arange(40, dtype=np.float32), "dtype float32; expected uint16"),
-     (np.full(40, 60000, dtype=np.uint16), "token id 60000 >= vocab_size 258")],
+    [
+        (np.arange(40, dtype=np.float32), "dtype float32; expected uint16"),
+        (np.full(40, 60000, dtype=np.uint16), "token id 60000 >= vocab_size 258"),
+    ],
 )
 def test_foreign_shards_with_bad_samples(tmp_path: Path, bad: np.ndarray, what: str) -> None:
     arrays = {f"s{k}": np.arange(30 + k, dtype=np.uint16) % 256 for k in range(6)}

@@ -1,0 +1,259 @@
+"""`mnemo data text`: text files, directories, .jsonl and .gz -> token shards + index.json.
+
+One sample per document: a whole text file, or one line of a .jsonl file (its `--jsonl-field`).
+Directories are walked recursively in sorted order; files whose first 8 KB hold a NUL byte
+are binary (git's test) and skipped, hidden files too; both are counted, so the summary
+accounts for every input byte: with the byte tokenizer, tokens == text bytes exactly.
+The writer keeps input order; the reader shuffles (data/shards.py).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+import sys
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from data.shard_format import FORMAT, INDEX_NAME, ShardWriter, token_dtype, write_index
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
+
+
+def parse_size(text: str | int) -> int:
+    """`256MB` (10^6 bytes), `64MiB` (2^20 bytes) or a plain byte count -> bytes."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE_RE.match(text)
+    unit = (m.group(2) or "").upper() if m else None
+    if m is None or unit not in _UNITS and unit + "B" not in _UNITS:
+        raise ValueError(f"--shard-size {text!r}: expected a size like 256MB, 64MiB or 1000000")
+    return int(float(m.group(1)) * _UNITS.get(unit, _UNITS.get(unit + "B", 1)))
+
+
+@dataclass
+class TextStats:
+    """Where every input byte went (written to index.json as `inputs`)."""
+
+    files: int = 0  # text files read (plain, .gz, .jsonl)
+    disk_bytes: int = 0  # their size on disk
+    raw_bytes: int = 0  # after gunzip
+    text_bytes: int = 0  # bytes handed to the tokenizer (jsonl: the field values, UTF-8)
+    jsonl_lines: int = 0
+    skipped_binary: int = 0
+    skipped_binary_bytes: int = 0
+    skipped_hidden: int = 0
+    skipped_hidden_bytes: int = 0
+    empty_documents: int = 0  # zero-length documents (not written)
+    documents: int = 0
+    tokens: int = 0
+
+
+def list_inputs(paths: list[str], stats: TextStats) -> list[Path]:
+    """Files named or found (recursively, sorted) under `paths`; hidden entries are counted."""
+    out: list[Path] = []
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir():
+            for f in sorted(p.rglob("*")):
+                if not f.is_file():
+                    continue
+                if any(part.startswith(".") for part in f.relative_to(p).parts):
+                    stats.skipped_hidden += 1
+                    stats.skipped_hidden_bytes += f.stat().st_size
+                    continue
+                out.append(f)
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise FileNotFoundError(f"--input {raw!r} is neither a file nor a directory")
+    return out
+
+
+def _read(path: Path) -> bytes:
+    if path.suffix == ".gz":
+        try:
+            with gzip.open(path, "rb") as f:
+                return f.read()
+        except (OSError, EOFError) as e:
+            raise ValueError(f"{path}: not a readable gzip file ({e})") from None
+    return path.read_bytes()
+
+
+def iter_documents(
+    files: list[Path], *, jsonl_field: str, stats: TextStats, progress: Any = None
+) -> Iterator[tuple[str, bytes]]:
+    """(source, text bytes) per document, updating `stats` as files are read."""
+    for path in files:
+        size = path.stat().st_size
+        data = _read(path)
+        if b"\0" in data[:8192]:
+            stats.skipped_binary += 1
+            stats.skipped_binary_bytes += size
+        else:
+            stats.files += 1
+            stats.disk_bytes += size
+            stats.raw_bytes += len(data)
+            name = path.name[:-3] if path.suffix == ".gz" else path.name
+            if name.endswith(".jsonl"):
+                yield from _jsonl_docs(path, data, jsonl_field, stats)
+            else:
+                stats.text_bytes += len(data)
+                yield str(path), data
+        if progress is not None:
+            progress.update(size)
+
+
+def _jsonl_docs(
+    path: Path, data: bytes, field: str, stats: TextStats
+) -> Iterator[tuple[str, bytes]]:
+    for n, line in enumerate(data.splitlines(), start=1):
+        if not line.strip():
+            continue
+        stats.jsonl_lines += 1
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(obj, dict) or field not in obj:
+            keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+            raise ValueError(
+                f"{path}:{n}: no field {field!r} (has {keys}); pick one with --jsonl-field"
+            )
+        value = obj[field]
+        if not isinstance(value, str):
+            raise ValueError(
+                f"{path}:{n}: field {field!r} is a {type(value).__name__}; expected a string"
+            )
+        text = value.encode("utf-8")
+        stats.text_bytes += len(text)
+        yield f"{path}:{n}", text
+
+
+def clear_output(out: Path, force: bool) -> None:
+    """Refuse to mix datasets; with `force`, remove the old index first, then old shards."""
+    old = [out / INDEX_NAME, *out.glob("shard-*.tar"), *out.glob("shard-*.idx.npy")]
+    old = [p for p in old if p.exists()]
+    if old and not force:
+        raise ValueError(
+            f"--out {out} already holds a dataset ({old[0].name}); pass --force to replace it"
+        )
+    for p in old:
+        p.unlink()
+
+
+def convert_text(
+    inputs: list[str],
+    out: str | Path,
+    *,
+    tokenizer: str = "byte",
+    shard_size: str | int = "256MB",
+    jsonl_field: str = "text",
+    force: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Tokenize `inputs` into shards under `out`; returns the index.json content."""
+    from data.tokenizers import load_tokenizer
+
+    tok = load_tokenizer(tokenizer)
+    dtype = token_dtype(tok.vocab_size).newbyteorder("<")
+    out = Path(out)
+    max_bytes = parse_size(shard_size)
+    stats = TextStats()
+    files = list_inputs(inputs, stats)
+    clear_output(out, force)
+    bar = _progress_bar(sum(f.stat().st_size for f in files), progress)
+    try:
+        with ShardWriter(out, max_bytes=max_bytes) as writer:
+            for source, text in iter_documents(
+                files, jsonl_field=jsonl_field, stats=stats, progress=bar
+            ):
+                ids = np.asarray(tok.encode(text))
+                if len(ids) == 0:
+                    stats.empty_documents += 1
+                    continue
+                if int(ids.max()) >= tok.vocab_size:
+                    raise ValueError(
+                        f"{source}: token id {int(ids.max())} >= vocab_size "
+                        f"{tok.vocab_size} of tokenizer {tokenizer!r}"
+                    )
+                writer.add_tokens(f"{stats.documents:010d}", ids.astype(dtype))
+                stats.documents += 1
+                stats.tokens += len(ids)
+    finally:
+        bar.close()
+    shards = writer.shards
+    meta = {
+        "format": FORMAT,
+        "version": 1,
+        "kind": "tokens",
+        "created_by": "mnemo data text",
+        "tokenizer": tokenizer,
+        "vocab_size": tok.vocab_size,
+        "sep_id": tok.sep_id,
+        "dtype": dtype.name,
+        "shards": shards,
+        "totals": {
+            "shards": len(shards),
+            "samples": sum(s["samples"] for s in shards),
+            "tokens": sum(s["tokens"] for s in shards),
+            "bytes": sum(s["bytes"] for s in shards),
+        },
+        "inputs": asdict(stats),
+    }
+    write_index(out, meta)
+    return meta
+
+
+def _progress_bar(total: int, enabled: bool) -> Any:
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm comes with ray; keep a silent stand-in
+
+        class _Null:
+            def update(self, n: int) -> None: ...
+            def close(self) -> None: ...
+
+        return _Null()
+    return tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        file=sys.stderr,
+        disable=not enabled,
+        desc="reading",
+        mininterval=0.5,
+    )
+
+
+def summary(meta: dict[str, Any]) -> str:
+    """The end-of-run report: where the bytes went and what was written."""
+    s, t = meta["inputs"], meta["totals"]
+    lines = [
+        f"read {s['files']} text file(s): {s['disk_bytes']:,} bytes on disk, "
+        f"{s['raw_bytes']:,} after gunzip, {s['text_bytes']:,} bytes of text"
+        + (f" ({s['jsonl_lines']:,} jsonl lines)" if s["jsonl_lines"] else ""),
+        f"skipped {s['skipped_binary']} binary file(s) ({s['skipped_binary_bytes']:,} bytes), "
+        f"{s['skipped_hidden']} hidden file(s) ({s['skipped_hidden_bytes']:,} bytes), "
+        f"{s['empty_documents']} empty document(s)",
+        f"wrote {t['samples']:,} documents, {t['tokens']:,} tokens ({meta['dtype']}, tokenizer "
+        f"{meta['tokenizer']}) in {t['shards']} shard(s), {t['bytes']:,} bytes",
+    ]
+    return "\n".join(lines)
