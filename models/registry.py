@@ -49,6 +49,10 @@ def _load_families() -> None:
 # Family modules that register sizes on import. New families add themselves here.
 _FAMILY_MODULES: list[str] = [
     "models.sequence.transformer",
+    "models.sequence.retnet",
+    "models.sequence.landmark",
+    "models.sequence.lightnet",
+    "models.sequence.aaren",
 ]
 
 
