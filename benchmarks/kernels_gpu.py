@@ -3,8 +3,9 @@
 Retention (bf16, default B 4, H 16, D 128, T 2k..16k): our Triton chunkwise kernel vs fla's
 ``chunk_retention`` (column skipped with a note when fla is not installed) vs our PyTorch
 chunked path, as a table with ratios (> 1 means ours is faster). Memory slot: the neural-memory
-Triton kernel (``models.ops.memory.triton``, another op's file) vs its chunked form, skipped
-with a note while that module does not exist. Needs CUDA; ``--help`` works anywhere.
+Triton kernels (``models.ops.memory.triton``, depth 1 and the depth-2 MLP memory) vs their
+chunked form, with the output's rel-RMS difference; skipped with a note if that module is gone.
+Needs CUDA; ``--help`` works anywhere.
 
     python benchmarks/kernels_gpu.py                 # full table
     python benchmarks/kernels_gpu.py --T 2048 --iters 5
@@ -146,31 +147,46 @@ def bench_retention(args: argparse.Namespace, dtype: torch.dtype) -> None:
         torch.cuda.empty_cache()
 
 
-def _memory_row(args: argparse.Namespace, T: int, dtype: torch.dtype, mem, tri_fn) -> str:
+def _memory_row(
+    args: argparse.Namespace, T: int, dtype: torch.dtype, mem, tri_fn, depth: int
+) -> str:
     B, H, D = args.B, args.H, args.D
     q, k, v = (_randn(B, H, T, D, dtype=dtype, seed=T + i).requires_grad_() for i in range(3))
     do = _randn(B, H, T, D, dtype=dtype, seed=T + 3)
     theta, alpha, eta = (torch.full((B, H, T), c, device="cuda") for c in (0.01, 0.001, 0.9))
-    w0 = (torch.randn(H, D, D, device="cuda") * D**-0.5).requires_grad_()
-    state = mem.MemoryState((w0,))
+    # depth 2 = Titans' MLP memory, hidden 4 D, residual (MemoryRule's default)
+    dims = [D, D] if depth == 1 else [D, 4 * D, D]
+    ws = [
+        (torch.randn(H, a, b, device="cuda") * a**-0.5).requires_grad_()
+        for a, b in zip(dims[:-1], dims[1:])
+    ]
+    state = mem.MemoryState(tuple(ws))
     times: list[float | str] = []
     for fn in (tri_fn, mem.memory_chunked):
 
         def run(fn=fn) -> torch.Tensor:
             return fn(q, k, v, theta, alpha, eta, state, args.chunk)[0]
 
-        step = _fwd_bwd_step(run, [q, k, v, w0], do)
+        step = _fwd_bwd_step(run, [q, k, v, *ws], do)
         try:
             times.append(_cell(lambda step=step: time_fwd_bwd(step, args.warmup, args.iters)))
         except Exception as exc:  # another op's API may move: report it instead of crashing
             times.append(type(exc).__name__)
             print(f"# {getattr(fn, '__name__', fn)}: {exc}")
-    return f"{T:>6} {_fmt(times[0])} {_fmt(times[1])} {_ratio(times[1], times[0]):>10}"
+    err = "-"
+    if all(isinstance(t, float) for t in times):
+        with torch.no_grad():
+            ref = mem.memory_chunked(q, k, v, theta, alpha, eta, state, args.chunk)[0].float()
+            out = tri_fn(q, k, v, theta, alpha, eta, state, args.chunk)[0].float()
+            err = f"{((ref - out).pow(2).mean() / ref.pow(2).mean()).sqrt().item():.2e}"
+    row = f"{depth:>5} {T:>6} {_fmt(times[0])} {_fmt(times[1])} {_ratio(times[1], times[0]):>10}"
+    return row + f" {err:>17}"
 
 
 def bench_memory(args: argparse.Namespace, dtype: torch.dtype) -> None:
-    """Slot for the neural-memory kernel, assumed to keep memory_chunked's contract."""
-    print("\n## neural memory (linear, momentum) fwd+bwd: Triton vs chunked; ms (median)")
+    """Neural-memory kernel (memory_chunked's contract) vs the chunked form, depth 1 and 2."""
+    print(f"\n## neural memory (momentum) fwd+bwd, {dtype} q/k/v, B={args.B} H={args.H} D={args.D}")
+    print(f"# chunk {args.chunk}; Triton vs chunked; ms (median)")
     if importlib.util.find_spec("models.ops.memory.triton") is None:
         print("# models.ops.memory.triton does not exist yet: memory slot skipped")
         return
@@ -180,10 +196,12 @@ def bench_memory(args: argparse.Namespace, dtype: torch.dtype) -> None:
     if tri_fn is None:
         print(f"# models.ops.memory.triton has no memory_triton(); found {dir(tri_mod)}: skipped")
         return
-    print(f"{'T':>6} {'triton':>9} {'chunked':>9} {'chunk/ours':>10}")
-    for T in [int(t) for t in args.T.split(",")]:
-        print(_memory_row(args, T, dtype, mem, tri_fn), flush=True)
-        torch.cuda.empty_cache()
+    print(f"{'depth':>5} {'T':>6} {'triton':>9} {'chunked':>9} {'chunk/ours':>10}", end="")
+    print(f" {'relerr vs chunked':>17}")
+    for depth in (1, 2):
+        for T in [int(t) for t in args.T.split(",")]:
+            print(_memory_row(args, T, dtype, mem, tri_fn, depth), flush=True)
+            torch.cuda.empty_cache()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,9 @@ import torch
 class SeqOutput:
     """logits (B, L, vocab) and the recurrent / cache state to feed the next piece."""
 
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     state: Any = None
     aux_loss: torch.Tensor | None = None
+    # Set instead of logits when the model computed the loss itself (`targets=` given):
+    # long sequences never materialise (B, L, vocab) logits (models/layers/loss.py).
+    loss: torch.Tensor | None = None

@@ -53,6 +53,8 @@ _FAMILY_MODULES: list[str] = [
     "models.sequence.landmark",
     "models.sequence.lightnet",
     "models.sequence.aaren",
+    "models.sequence.titans_models",
+    "models.sequence.miras",
 ]
 
 

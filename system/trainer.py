@@ -65,12 +65,25 @@ def lm_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tenso
     return (ce * m).sum() / m.sum().clamp_min(1.0)
 
 
-def forward_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    out = model(batch["tokens"][:, :-1])
-    loss = lm_loss(out.logits, batch)
+def forward_loss(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], fused: bool
+) -> torch.Tensor:
+    """The batch's training loss; `fused` models compute it inside forward in chunks."""
+    inputs = batch["tokens"][:, :-1]
+    if fused:
+        out = model(inputs, targets=batch["tokens"][:, 1:], loss_mask=batch.get("loss_mask"))
+        loss = out.loss
+    else:
+        out = model(inputs)
+        loss = lm_loss(out.logits, batch)
     if getattr(out, "aux_loss", None) is not None:
         loss = loss + out.aux_loss
     return loss
+
+
+def fused_loss(model: torch.nn.Module) -> bool:
+    """Whether the model takes `targets=` and returns `out.loss` (chunked loss configured)."""
+    return bool(getattr(getattr(model, "cfg", None), "loss_chunk", 0))
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -96,7 +109,7 @@ def evaluate(model: torch.nn.Module, cfg: JobConfig, env: DistEnv, strategy) -> 
     for _ in range(cfg.eval.batches):
         batch = _to(next(it), env.device)
         with strategy.autocast():
-            losses.append(float(forward_loss(strategy.model, batch)))
+            losses.append(float(forward_loss(strategy.model, batch, fused_loss(model))))
     model.train(was_training)
     return all_reduce_mean([sum(losses) / len(losses)], env.world, env.device)[0]
 
@@ -156,6 +169,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
             flush=True,
         )
 
+    fused = fused_loss(model)
     model.train()
     t_start = time.perf_counter()
     t_last, tok_last, step_last = t_start, state.tokens, state.step
@@ -170,7 +184,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
             batch = _to(next(it), env.device)
             is_last = micro == accum - 1
             with strategy.accumulate(is_last), strategy.autocast():
-                loss = forward_loss(strategy.model, batch)
+                loss = forward_loss(strategy.model, batch, fused)
             grad_norm = strategy.micro_step(loss, is_last)
             loss_sum += float(loss.detach())
             loss_n += 1

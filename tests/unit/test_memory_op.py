@@ -6,6 +6,8 @@ per-tensor relative-RMS tolerances. Measured errors in fp32 are <= ~3e-6; TOL le
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -75,7 +77,8 @@ def _inputs(
     if rule.retention == "kl":
         ws = [r(H, d_in, d_out)]  # log-weights
     moms = [0.01 * r(B, H, *w.shape[-2:]) for w in ws] if momentum else None
-    names = [n for n in ("q", "k", "v", "theta", "alpha", "eta", "huber_delta") if kw[n] is not None]
+    optional = ("q", "k", "v", "theta", "alpha", "eta", "huber_delta")
+    names = [n for n in optional if kw[n] is not None]
     for n in names:
         kw[n].requires_grad_()
     for t in ws + (moms or []):
@@ -125,8 +128,11 @@ CASES = [
 @pytest.mark.parametrize(
     "length,chunk,d_in,d_out,depth,momentum,bias,retention,residual",
     CASES,
-    ids=[f"L{c[0]}-b{c[1]}-{c[2]}x{c[3]}-d{c[4]}-{'mom' if c[5] else 'nomom'}-{c[6]}-{c[7]}"
-         + ("" if c[8] else "-nores") for c in CASES],
+    ids=[
+        f"L{c[0]}-b{c[1]}-{c[2]}x{c[3]}-d{c[4]}-{'mom' if c[5] else 'nomom'}-{c[6]}-{c[7]}"
+        + ("" if c[8] else "-nores")
+        for c in CASES
+    ],
 )
 def test_chunked_matches_reference(
     length: int,
@@ -208,6 +214,17 @@ def test_state_carry_equals_whole(retention: str) -> None:
     assert_close("y", y, torch.cat([y1, y2], dim=2), 1e-6)
     for a, b in zip(st.weights + st.momentum, st2.weights + st2.momentum):
         assert_close("state", a, b, 1e-6)
+
+
+@pytest.mark.parametrize("retention", ["l2", "kl"])
+def test_checkpoint_same_values_and_gradients(retention: str) -> None:
+    """checkpoint=True (grouped recompute in backward) changes memory use, not results."""
+    rule = MemoryRule(retention=retention)
+    kw, names = _inputs(150, 16, 16, 1 if retention == "kl" else 2, True, rule, seed=11)
+    plain = _run(memory_chunked, kw, names, 16, rule)
+    ckpt = _run(partial(memory_chunked, checkpoint=True), kw, names, 16, rule)
+    for name in plain:
+        assert_close(name, plain[name], ckpt[name], 1e-6)
 
 
 def test_dispatch_and_errors() -> None:

@@ -31,3 +31,21 @@ def test_paper_sizes_within_two_percent(name):
         m = models.build(name)
     n = sum(p.numel() for p in m.parameters())
     assert abs(n - NOMINAL_PARAMS[name]) / NOMINAL_PARAMS[name] < 0.02, f"{name}: {n / 1e6:.1f}M"
+
+
+def _all_nominal() -> dict[str, float]:
+    import importlib
+
+    out: dict[str, float] = {}
+    for mod in ("retnet", "landmark", "lightnet", "aaren", "titans_models", "miras"):
+        out.update(getattr(importlib.import_module(f"models.sequence.{mod}"), "NOMINAL_PARAMS"))
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(_all_nominal()))
+def test_family_sizes_within_two_percent(name):
+    nominal = _all_nominal()[name]
+    with torch.device("meta"):
+        m = models.build(name)
+    n = sum(p.numel() for p in m.parameters())
+    assert abs(n - nominal) / nominal < 0.02, f"{name}: {n / 1e6:.1f}M vs {nominal / 1e6:.0f}M"

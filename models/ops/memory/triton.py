@@ -1,0 +1,258 @@
+"""Neural-memory op in Triton: the chunk-parallel Titans update, same contract as chunked.py.
+
+`memory_triton(...)` takes `memory_chunked`'s arguments and returns (y, MemoryState). Covered:
+attn_bias "l2" + retention "l2", with or without momentum, depth 1 (M(x) = x W) and depth 2
+(M(x) = [x +] gelu(x W1) W2); forward and backward both run in Triton (kernels and their
+layout: triton_kernels.py). `unsupported_reason` says why other arguments are refused, so
+`neural_memory(impl="auto")` can fall back to the chunked form.
+
+Memory: the forward stores the state at every chunk start, O(L/b · D²) per (batch, head),
+which the backward walks in reverse instead of re-scanning the sequence. Kernels compute in
+fp32 (IEEE dots for fp32 inputs, TF32 for bf16/fp16). On CPU tensors this needs
+TRITON_INTERPRET=1 set before this module is first imported (``triton.jit`` reads it then).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import triton
+from torch import Tensor
+
+from models.ops.memory.chunked import _ALPHA_MAX, _ETA_MIN
+from models.ops.memory.reference import DEFAULT_RULE, MemoryRule, MemoryState, init_state
+from models.ops.memory.triton_kernels import (
+    _lin_bwd_kernel,
+    _lin_fwd_kernel,
+    _mlp_bwd_kernel,
+    _mlp_fwd_kernel,
+)
+
+MAX_DIM = 128  # DK and DV live whole in one tile (a DK x BV state tile, BT x DK key tiles)
+
+# triton.jit chose between compiling and interpreting when the kernels were imported
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 inputs are the accuracy path: no TF32 rounding inside the dots
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _pow2(n: int, cap: int | None = None) -> int:
+    tile = max(16, triton.next_power_of_2(n))  # tl.dot needs every dim >= 16
+    return tile if cap is None else min(tile, max(16, cap))
+
+
+def _log_gates(alpha: Tensor, eta: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """log(1-α), log η with chunked.py's bounds (so both paths agree at α = 1, η = 0)."""
+    lk = torch.log1p(-alpha.clamp(max=_ALPHA_MAX))
+    return lk, None if eta is None else torch.log(eta.clamp(min=_ETA_MIN))
+
+
+def _gate_grads(
+    alpha: Tensor, eta: Tensor | None, dlk: Tensor, dle: Tensor | None
+) -> tuple[Tensor, Tensor | None]:
+    """Map the kernels' log-gate gradients back to α, η through the same clamps."""
+    with torch.enable_grad():
+        a = alpha.detach().requires_grad_()
+        e = None if eta is None else eta.detach().requires_grad_()
+        lk, le = _log_gates(a, e)
+        outs, grads, leaves = [lk], [dlk], [a]
+        if e is not None:
+            outs, grads, leaves = outs + [le], grads + [dle], leaves + [e]
+        res = torch.autograd.grad(outs, leaves, grads)
+    return res[0], None if e is None else res[1]
+
+
+class _LinearFn(torch.autograd.Function):
+    """Depth-1 memory: Triton forward and backward. Tensors (G, ...) fp32 contiguous."""
+
+    @staticmethod
+    def forward(ctx, cfg, q, k, v, theta, alpha, eta, w0, s0):  # noqa: ANN001
+        chunk, block_v, prec = cfg
+        G, L, DK = q.shape
+        DV = v.shape[-1]
+        NT = triton.cdiv(L, chunk)
+        BT, BK, BV = _pow2(chunk), _pow2(DK), _pow2(DV, block_v)
+        mom = eta is not None
+        lk, le = _log_gates(alpha, eta)
+        ws = q.new_empty(G, NT + 1, DK, DV)
+        ws[:, 0] = w0
+        ss = q.new_empty(G, NT + 1, DK, DV) if mom else ws
+        if mom:
+            ss[:, 0] = s0
+        y = q.new_empty(G, L, DV)
+        _lin_fwd_kernel[(triton.cdiv(DV, BV), G)](
+            q, k, v, theta, lk, le if mom else lk, ws, ss, y, L, NT, chunk,
+            DK=DK, DV=DV, BT=BT, BK=BK, BV=BV, MOM=mom, PREC=prec, num_warps=4,
+        )  # fmt: skip
+        ctx.save_for_backward(q, k, v, theta, alpha, eta, lk, le, ws, ss)
+        ctx.cfg, ctx.tiles = cfg, (BT, BK, BV)
+        if not mom:
+            return y, ws[:, NT].clone()
+        return y, ws[:, NT].clone(), ss[:, NT].clone()
+
+    @staticmethod
+    def backward(ctx, dy, dwe, dse=None):  # noqa: ANN001
+        q, k, v, theta, alpha, eta, lk, le, ws, ss = ctx.saved_tensors
+        chunk, _, prec = ctx.cfg
+        BT, BK, BV = ctx.tiles
+        G, L, DK = q.shape
+        DV = v.shape[-1]
+        NT, NV = triton.cdiv(L, chunk), triton.cdiv(DV, BV)
+        mom = eta is not None
+        dy, dwe = dy.contiguous(), dwe.contiguous()
+        dse = dse.contiguous() if mom else dwe
+        # dq, dk and the gate gradients sum over Dout tiles: one partial per tile
+        dq, dk = q.new_empty(NV, G, L, DK), q.new_empty(NV, G, L, DK)
+        dth, dlk = q.new_empty(NV, G, L), q.new_empty(NV, G, L)
+        dle = q.new_empty(NV, G, L) if mom else dlk
+        dv, dw0 = torch.empty_like(v), q.new_empty(G, DK, DV)
+        ds0 = q.new_empty(G, DK, DV) if mom else dw0
+        _lin_bwd_kernel[(NV, G)](
+            q, k, v, theta, lk, le if mom else lk, ws, ss, dy, dwe, dse,
+            dq, dk, dv, dth, dlk, dle, dw0, ds0, G, L, NT, chunk,
+            DK=DK, DV=DV, BT=BT, BK=BK, BV=BV, MOM=mom, PREC=prec, num_warps=8,
+        )  # fmt: skip
+        dalpha, deta = _gate_grads(alpha, eta, dlk.sum(0), dle.sum(0) if mom else None)
+        return (
+            None, dq.sum(0), dk.sum(0), dv, dth.sum(0), dalpha, deta, dw0, ds0 if mom else None
+        )  # fmt: skip
+
+
+class _MLPFn(torch.autograd.Function):
+    """Depth-2 memory: Triton forward and backward. Tensors (G, ...) fp32 contiguous."""
+
+    @staticmethod
+    def forward(ctx, cfg, q, k, v, theta, alpha, eta, w1, w2, s1, s2):  # noqa: ANN001
+        chunk, block_n, prec, residual = cfg
+        G, L, DK = q.shape
+        DN, DV = w1.shape[-1], v.shape[-1]
+        NT = triton.cdiv(L, chunk)
+        mom = eta is not None
+        lk, le = _log_gates(alpha, eta)
+        w1s, w2s = q.new_empty(G, NT + 1, DK, DN), q.new_empty(G, NT + 1, DN, DV)
+        w1s[:, 0], w2s[:, 0] = w1, w2
+        s1s, s2s = w1s, w2s
+        if mom:
+            s1s, s2s = q.new_empty(G, NT + 1, DK, DN), q.new_empty(G, NT + 1, DN, DV)
+            s1s[:, 0], s2s[:, 0] = s1, s2
+        y = q.new_empty(G, L, DV)
+        tiles = dict(BT=_pow2(chunk), BK=_pow2(DK), BN=_pow2(DN, block_n), BV=_pow2(DV))
+        _mlp_fwd_kernel[(G,)](
+            q, k, v, theta, lk, le if mom else lk, w1s, w2s, s1s, s2s, y, L, NT, chunk,
+            DK=DK, DN=DN, DV=DV, **tiles, MOM=mom, RESIDUAL=residual, PREC=prec, num_warps=8,
+        )  # fmt: skip
+        ctx.save_for_backward(q, k, v, theta, alpha, eta, lk, le, w1s, w2s, s1s, s2s)
+        ctx.cfg, ctx.tiles = cfg, tiles
+        out = (y, w1s[:, NT].clone(), w2s[:, NT].clone())
+        return out + ((s1s[:, NT].clone(), s2s[:, NT].clone()) if mom else ())
+
+    @staticmethod
+    def backward(ctx, dy, dw1e, dw2e, ds1e=None, ds2e=None):  # noqa: ANN001
+        q, k, v, theta, alpha, eta, lk, le, w1s, w2s, s1s, s2s = ctx.saved_tensors
+        chunk, _, prec, residual = ctx.cfg
+        G, L, DK = q.shape
+        DN, DV = w1s.shape[-1], v.shape[-1]
+        NT = triton.cdiv(L, chunk)
+        mom = eta is not None
+        # dstate ping-pongs between two slots per (batch, head): chunk i_r reads slot i_r % 2
+        dw1, dw2 = q.new_empty(G, 2, DK, DN), q.new_empty(G, 2, DN, DV)
+        dw1[:, 0], dw2[:, 0] = dw1e, dw2e
+        ds1, ds2 = dw1, dw2
+        if mom:
+            ds1, ds2 = q.new_empty(G, 2, DK, DN), q.new_empty(G, 2, DN, DV)
+            ds1[:, 0], ds2[:, 0] = ds1e, ds2e
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        dth, dlk = torch.empty_like(theta), torch.empty_like(theta)
+        dle = torch.empty_like(theta) if mom else dlk
+        _mlp_bwd_kernel[(G,)](
+            q, k, v, theta, lk, le if mom else lk, w1s, w2s, s1s, s2s, dy.contiguous(),
+            dw1, dw2, ds1, ds2, dq, dk, dv, dth, dlk, dle, L, NT, chunk,
+            DK=DK, DN=DN, DV=DV, **ctx.tiles, MOM=mom, RESIDUAL=residual, PREC=prec,
+            num_warps=8,
+        )  # fmt: skip
+        dalpha, deta = _gate_grads(alpha, eta, dlk, dle if mom else None)
+        slot = NT % 2
+        ds = (ds1[:, slot], ds2[:, slot]) if mom else (None, None)
+        return None, dq, dk, dv, dth, dalpha, deta, dw1[:, slot], dw2[:, slot], *ds
+
+
+def unsupported_reason(q: Tensor, v: Tensor, state: MemoryState, rule: MemoryRule) -> str | None:
+    """Why the Triton path cannot run these arguments (None when it can); "auto" falls back."""
+    if rule.attn_bias != "l2" or rule.retention != "l2":
+        return (
+            f"the Triton memory covers attn_bias='l2', retention='l2' only; got "
+            f"attn_bias={rule.attn_bias!r}, retention={rule.retention!r} (use impl='chunked')"
+        )
+    depth = len(state.weights)
+    if depth not in (1, 2):
+        return f"the Triton memory covers depth 1 and 2; got depth {depth} (use impl='chunked')"
+    if max(q.shape[-1], v.shape[-1]) > MAX_DIM:
+        return f"the Triton memory needs head dims <= {MAX_DIM}; got {q.shape[-1]}, {v.shape[-1]}"
+    if not q.is_cuda and not _INTERPRETED:
+        return (
+            "impl='triton' on CPU tensors needs TRITON_INTERPRET=1 in the environment before "
+            "models.ops.memory.triton is first imported (or use impl='chunked')"
+        )
+    return None
+
+
+def memory_triton(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    theta: Tensor,
+    alpha: Tensor,
+    eta: Tensor | None,
+    state: MemoryState,
+    chunk_size: int,
+    rule: MemoryRule = DEFAULT_RULE,
+    huber_delta: Tensor | None = None,
+    checkpoint: bool = False,
+    *,
+    block_v: int = 64,
+    block_n: int = 32,
+) -> tuple[Tensor, MemoryState]:
+    """Chunked neural-memory write + retrieve in Triton; same contract as `memory_chunked`.
+
+    huber_delta is unused (l2 bias only) and checkpoint is accepted for signature parity: this
+    path already keeps only chunk-start states for backward. The kernels compute in fp32 (TF32
+    dots for bf16/fp16 q); y comes back in q's dtype and the state in fp32. block_v caps the
+    depth-1 Dout tile, block_n the depth-2 hidden tile (tests lower them to get several tiles).
+    """
+    del huber_delta, checkpoint
+    rule.check(state.weights)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    reason = unsupported_reason(q, v, state, rule)
+    if reason is not None:
+        raise ValueError(reason)
+    bsz, heads, length, _ = k.shape
+    st = init_state(state.weights, state.momentum, bsz, eta is not None)
+    if length == 0:
+        return q.new_empty(bsz, heads, 0, v.shape[-1]), st
+    groups = bsz * heads
+
+    def flat(t: Tensor) -> Tensor:  # (B, H, ...) -> (G, ...) fp32 contiguous
+        return t.float().reshape(groups, *t.shape[2:]).contiguous()
+
+    args = [flat(t) for t in (q, k, v, theta, alpha)] + [None if eta is None else flat(eta)]
+    xs = [flat(x) for x in st.weights]
+    ss = [flat(s) for s in st.momentum] if st.momentum is not None else [None] * len(xs)
+    prec = _precision(q.dtype)
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        if len(xs) == 1:
+            out = _LinearFn.apply((chunk_size, block_v, prec), *args, xs[0], ss[0])
+        else:
+            cfg = (chunk_size, block_n, prec, rule.residual)
+            out = _MLPFn.apply(cfg, *args, *xs, *ss)
+    y, states = out[0], out[1:]
+    unflat = lambda t: t.reshape(bsz, heads, *t.shape[1:])
+    y = unflat(y).to(q.dtype)
+    depth = len(xs)
+    mom = tuple(unflat(s) for s in states[depth:]) if eta is not None else None
+    return y, MemoryState(tuple(unflat(x) for x in states[:depth]), mom)

@@ -1,0 +1,82 @@
+"""Miras models (MODELS.md §2): Moneta, Yaad, Memora — the Titans LMM stack with other memories.
+
+Miras replaces attention by a memory module in a Llama-style block, and varies the memory's
+attentional bias and retention (no momentum: "chunked training as in Titans, but without
+momentum"). The memory op implements each choice (models/ops/memory, definitions there):
+  moneta  lp bias (p = 3), lq retention (q = 4, normalised at chunk boundaries), MLP memory
+  yaad    Huber bias with a data-dependent delta, l2 retention, MLP memory
+  memora  l2 bias, KL retention (memory on the simplex), linear memory (the op's kl is
+          defined for a matrix memory)
+Sizes: 340M (24 layers, d 1024) and 760M (24, 1536) as in the paper, 1.3B (24, 2048) [layers
+unverified]; FFN widths calibrated to the nominal counts on a 32K vocab.
+"""
+
+from __future__ import annotations
+
+from models.registry import ModelSpec, register
+from models.sequence.titans_models import PAPER_ARGS, Titans, TitansConfig
+
+_RULES = {
+    "moneta": dict(attn_bias="lp", retention="lq", mem_depth=2),
+    "yaad": dict(attn_bias="huber", retention="l2", mem_depth=2),
+    "memora": dict(attn_bias="l2", retention="kl", mem_depth=1),
+}
+# name -> size -> (dim, layers, heads, ffn_hidden)
+_SIZES = {
+    "moneta": {
+        "340m": (1024, 24, 16, 1824),
+        "760m": (1536, 24, 16, 3136),
+        "1.3b": (2048, 24, 16, 4160),
+    },
+    "yaad": {
+        "340m": (1024, 24, 16, 1824),
+        "760m": (1536, 24, 16, 3136),
+        "1.3b": (2048, 24, 16, 4160),
+    },
+    # A linear memory has fewer initial-state parameters: a wider FFN makes up the count.
+    "memora": {
+        "340m": (1024, 24, 16, 1984),
+        "760m": (1536, 24, 16, 3360),
+        "1.3b": (2048, 24, 16, 4448),
+    },
+}
+NOMINAL_PARAMS: dict[str, float] = {}
+
+
+def _config(name: str, size: tuple[int, int, int, int] | None):
+    def make() -> TitansConfig:
+        base = dict(variant="lmm", momentum=False, **_RULES[name])
+        if size is None:
+            return TitansConfig(**base)
+        dim, layers, heads, ffn = size
+        return TitansConfig(
+            dim=dim,
+            n_layers=layers,
+            n_heads=heads,
+            mem_heads=heads,
+            ffn_hidden=ffn,
+            **PAPER_ARGS,
+            **base,
+        )
+
+    return make
+
+
+for _name, _table in _SIZES.items():
+    register(
+        ModelSpec(
+            name=f"{_name}-tiny", family="miras", config_fn=_config(_name, None), builder=Titans
+        )
+    )
+    for _size, _dims in _table.items():
+        register(
+            ModelSpec(
+                name=f"{_name}-{_size}",
+                family="miras",
+                config_fn=_config(_name, _dims),
+                builder=Titans,
+            )
+        )
+        NOMINAL_PARAMS[f"{_name}-{_size}"] = float(_size[:-1]) * (
+            1e9 if _size.endswith("b") else 1e6
+        )
