@@ -45,6 +45,8 @@ EXAMPLES = {
 }
 EXAMPLE_SETS: dict[tuple[str, str], list[str]] = {
     ("transformer_lm", "h100x8"): ["train.micro_batch=2"],
+    # One 2M-token sequence per GPU on all 64 GPUs.
+    ("titans_2m", "h100x8"): [f"train.batch_tokens={64 * 2_097_152}"],
 }
 LABELS = {"app.kubernetes.io/name": "mnemosyne", "app.kubernetes.io/part-of": "mnemosyne"}
 # Left out of the job's working_dir upload (Ray also honours .gitignore where there is one).
