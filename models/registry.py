@@ -53,7 +53,7 @@ _FAMILY_MODULES: list[str] = [
     "models.sequence.landmark",
     "models.sequence.lightnet",
     "models.sequence.aaren",
-    "models.sequence.titans_models",
+    "models.sequence.titans",
     "models.sequence.miras",
 ]
 

@@ -1,0 +1,1 @@
+"""Hot loops: each op folder holds reference.py (the oracle) beside its fast forms."""

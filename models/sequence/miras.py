@@ -14,7 +14,7 @@ unverified]; FFN widths calibrated to the nominal counts on a 32K vocab.
 from __future__ import annotations
 
 from models.registry import ModelSpec, register
-from models.sequence.titans_models import PAPER_ARGS, Titans, TitansConfig
+from models.sequence.titans import PAPER_ARGS, Titans, TitansConfig
 
 _RULES = {
     "moneta": dict(attn_bias="lp", retention="lq", mem_depth=2),

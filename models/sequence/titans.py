@@ -6,19 +6,36 @@ Legend: B batch, L length, C model width (`dim`), H heads, D head width, K conv 
 followed by a short causal depthwise conv, l2-normalised q and k, data-dependent per-token gates
 (step theta, momentum eta, forget alpha), a per-head MLP memory written token by token with the
 chunked op of `models.ops.memory`, then an output RMSNorm, a SiLU output gate and a projection.
+
+The models (§4): LMM, MAC, MAG, MAL around `NeuralMemory`.
+
+Persistent memory: `persistent` learnable tokens per layer are an always-visible prefix of the
+layer's attention (input-independent keys / values). The paper prepends them to the input;
+through causal layers their states stay input-independent, so a per-layer prefix is the same
+family of functions, and it keeps streaming exact (the memory sees only real tokens, its
+learnable initial state playing the part of M([P])).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
+from models.layers.attention import attention
+from models.layers.loss import chunked_lm_loss
+from models.layers.mlp import SwiGLU, swiglu_hidden
 from models.layers.norms import RMSNorm
+from models.layers.rotary import apply_rope, rope_angles
 from models.ops.memory import MemoryRule, MemoryState, neural_memory
 from models.ops.memory import retrieve as memory_retrieve
+from models.outputs import SeqOutput
+from models.registry import ModelSpec, register
 
 
 @dataclass
@@ -197,3 +214,355 @@ class NeuralMemory(nn.Module):
         q = F.silu(self._conv(u, zeros, self.conv_weight[:inner], self.conv_bias[:inner])[0])
         q = F.normalize(self._split_heads(q), dim=-1)
         return self._output(x_or_q, memory_retrieve(memory, q.float(), self.rule))
+
+
+# ---------------------------------------------------------------------------------------------
+# Titans models (§4): LMM, MAC, MAG, MAL. Miras models reuse them (models/sequence/miras.py).
+
+
+@dataclass(kw_only=True)
+class TitansConfig:
+    """One Titans / Miras language model. Persistent tokens enter every attention as an
+    always-visible prefix of `persistent` learnable tokens per layer."""
+
+    variant: str = "mac"  # lmm | mac | mag | mal
+    vocab_size: int = 258
+    dim: int = 64
+    n_layers: int = 2
+    n_heads: int = 4  # attention heads
+    mem_heads: int = 4
+    mem_depth: int = 2
+    mem_expansion: int = 4
+    chunk_size: int = 16  # memory chunk b: gradients at chunk-start weights
+    segment_len: int = 32  # MAC segment
+    window: int = 32  # MAG / MAL sliding window
+    persistent: int = 4  # N_p
+    ffn_hidden: int | None = None
+    attn_bias: str = "l2"
+    retention: str = "l2"
+    momentum: bool = True
+    # Step-size ceiling of the memory. The loss is a sum of squares over D features (not a
+    # mean as in titans-pytorch), so 0.02 here is ~1.3 there; 0.05+ diverged at 1k tokens.
+    max_lr: float = 0.02
+    # Long-context memory savers: checkpoint the memory every `mem_checkpoint` tokens (MAC: per
+    # segment) so only the state at those boundaries is kept; cross-entropy in chunks of
+    # `loss_chunk` positions (0 = return full logits).
+    mem_checkpoint: int = 0
+    loss_chunk: int = 0
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = True
+    mem_impl: str = "chunked"
+
+    def __post_init__(self) -> None:
+        if self.variant not in ("lmm", "mac", "mag", "mal"):
+            raise ValueError(f"variant={self.variant!r}; expected lmm, mac, mag or mal")
+        if self.dim % self.n_heads or self.dim % self.mem_heads:
+            raise ValueError(
+                f"dim={self.dim} must be divisible by n_heads={self.n_heads} and "
+                f"mem_heads={self.mem_heads}"
+            )
+        if self.mem_checkpoint % self.chunk_size:
+            raise ValueError(
+                f"mem_checkpoint={self.mem_checkpoint} must be a multiple of chunk_size="
+                f"{self.chunk_size}"
+            )
+        if self.variant == "mac" and self.segment_len % self.chunk_size:
+            raise ValueError(
+                f"segment_len={self.segment_len} must be a multiple of chunk_size="
+                f"{self.chunk_size} so segments and memory chunks line up"
+            )
+
+
+def _rope(t: Tensor, pos: Tensor, theta: float) -> Tensor:
+    cos, sin = rope_angles(pos, t.shape[-1], theta)
+    return apply_rope(t, cos, sin)
+
+
+class PrefixAttention(nn.Module):
+    """Softmax attention with `persistent` learnable prefix tokens always visible.
+
+    The prefix tokens go through the same k / v projections (input-independent keys), without
+    rotary; the other tokens carry rotary positions.
+    """
+
+    def __init__(self, cfg: TitansConfig) -> None:
+        super().__init__()
+        self.h, self.d = cfg.n_heads, cfg.dim // cfg.n_heads
+        self.theta = cfg.rope_theta
+        self.wq = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.persistent = nn.Parameter(torch.randn(cfg.persistent, cfg.dim) * 0.02)
+
+    def heads(self, t: Tensor) -> Tensor:
+        b, n, _ = t.shape
+        return t.view(b, n, self.h, self.d).transpose(1, 2)
+
+    def prefix_kv(self, batch: int) -> tuple[Tensor, Tensor]:
+        p = self.persistent.unsqueeze(0).expand(batch, -1, -1)
+        return self.heads(self.wk(p)), self.heads(self.wv(p))
+
+    def merge(self, o_BHLD: Tensor) -> Tensor:
+        b, _, n, _ = o_BHLD.shape
+        return self.wo(o_BHLD.transpose(1, 2).reshape(b, n, -1))
+
+
+class SlidingWindowAttention(PrefixAttention):
+    """MAG / MAL attention: window of `window` positions plus the persistent prefix.
+    State: the last window - 1 keys / values, so pieces fed with state equal the whole."""
+
+    def __init__(self, cfg: TitansConfig) -> None:
+        super().__init__(cfg)
+        self.window = cfg.window
+
+    def forward(self, x: Tensor, pos0: int, cache: tuple[Tensor, Tensor] | None):
+        b, n, _ = x.shape
+        pos = torch.arange(pos0, pos0 + n, device=x.device)
+        q = _rope(self.heads(self.wq(x)), pos, self.theta)
+        k = _rope(self.heads(self.wk(x)), pos, self.theta)
+        v = self.heads(self.wv(x))
+        if cache is not None:
+            k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)
+        pk, pv = self.prefix_kv(b)
+        o = attention(
+            q, torch.cat([pk, k], 2), torch.cat([pv, v], 2), window=self.window, prefix=pk.shape[2]
+        )
+        keep = self.window - 1
+        return self.merge(o), (k[:, :, k.shape[2] - keep :], v[:, :, v.shape[2] - keep :])
+
+
+class SegmentAttention(PrefixAttention):
+    """MAC attention over [P || h || segment]: h_j (the memory's answer to token j) and
+    token j are visible to token i when j <= i; P always. Segment-local rotary positions."""
+
+    def forward(self, x_seg: Tensor, h_seg: Tensor) -> Tensor:
+        b, s, _ = x_seg.shape
+        pos = torch.arange(s, device=x_seg.device)
+        q = _rope(self.heads(self.wq(x_seg)), pos, self.theta)
+        kx = _rope(self.heads(self.wk(x_seg)), pos, self.theta)
+        kh = _rope(self.heads(self.wk(h_seg)), pos, self.theta)
+        vx, vh = self.heads(self.wv(x_seg)), self.heads(self.wv(h_seg))
+        pk, pv = self.prefix_kv(b)
+        causal = torch.ones(s, s, dtype=torch.bool, device=x_seg.device).tril()
+        pre = torch.ones(s, pk.shape[2], dtype=torch.bool, device=x_seg.device)
+        mask = torch.cat([pre, causal, causal], dim=1)
+        k, v = torch.cat([pk, kh, kx], 2), torch.cat([pv, vh, vx], 2)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.merge(o)
+
+
+class MemoryGate(nn.Module):
+    """Titans' ⊗: normalise both branches with learnable vector weights, then σ-gate."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.norm_y = RMSNorm(dim, eps)
+        self.norm_m = RMSNorm(dim, eps)
+
+    def forward(self, y: Tensor, m: Tensor) -> Tensor:
+        return self.norm_y(y) * torch.sigmoid(self.norm_m(m))
+
+
+class TitansBlock(nn.Module):
+    """One layer of any variant; `forward(x, state) -> (x, state)`."""
+
+    def __init__(self, cfg: TitansConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.variant = cfg.variant
+        self.mem_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.memory = NeuralMemory(
+            cfg.dim,
+            cfg.mem_heads,
+            cfg.chunk_size,
+            depth=cfg.mem_depth,
+            expansion=cfg.mem_expansion,
+            attn_bias=cfg.attn_bias,
+            retention=cfg.retention,
+            momentum=cfg.momentum,
+            max_lr=cfg.max_lr,
+            impl=cfg.mem_impl,
+        )
+        if cfg.variant == "mac":
+            self.attn = SegmentAttention(cfg)
+            self.gate = MemoryGate(cfg.dim, cfg.norm_eps)
+        elif cfg.variant in ("mag", "mal"):
+            self.attn = SlidingWindowAttention(cfg)
+            self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+            if cfg.variant == "mag":
+                self.gate = MemoryGate(cfg.dim, cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn = SwiGLU(cfg.dim, cfg.ffn_hidden or swiglu_hidden(cfg.dim))
+
+    def forward(self, x: Tensor, st: dict) -> tuple[Tensor, dict]:
+        v = self.variant
+        if v == "lmm":
+            m, st["mem"] = self._memory(self.mem_norm(x), st.get("mem"))
+            x = x + m
+        elif v == "mal":
+            m, st["mem"] = self._memory(self.mem_norm(x), st.get("mem"))
+            x = x + m
+            a, st["kv"] = self.attn(self.attn_norm(x), st.get("pos", 0), st.get("kv"))
+            x = x + a
+        elif v == "mag":
+            u = self.mem_norm(x)
+            a, st["kv"] = self.attn(self.attn_norm(x), st.get("pos", 0), st.get("kv"))
+            m, st["mem"] = self._memory(u, st.get("mem"))
+            x = x + self.gate(a, m)
+        else:
+            x, st["mem"] = self._mac(x, st.get("mem"))
+        st["pos"] = st.get("pos", 0) + x.shape[1]
+        return x + self.ffn(self.ffn_norm(x)), st
+
+    def _checkpointing(self) -> bool:
+        return self.training and torch.is_grad_enabled() and self.cfg.mem_checkpoint > 0
+
+    def _memory(self, u: Tensor, mem: NeuralMemoryState | None):
+        """The memory over u, in checkpointed pieces of `mem_checkpoint` tokens when training
+        long sequences (pieces with carried state equal the whole: chunk-aligned)."""
+        n = self.cfg.mem_checkpoint
+        if not self._checkpointing() or u.shape[1] <= n:
+            return self.memory(u, mem)
+        outs = []
+        for s in range(0, u.shape[1], n):
+            y, mem = checkpoint(self.memory, u[:, s : s + n], mem, use_reentrant=False)
+            outs.append(y)
+        return torch.cat(outs, dim=1), mem
+
+    def _mac_segment(self, x_seg: Tensor, mem: NeuralMemoryState | None):
+        u = self.mem_norm(x_seg)
+        h = self.memory.retrieve(u, mem)
+        y = self.attn(u, h)
+        m, mem = self.memory(y, mem)
+        return x_seg + self.gate(y, m), mem
+
+    def _mac(self, x: Tensor, mem: NeuralMemoryState | None):
+        """Segments in order: read memory (state before the segment), attend over
+        [P || read || segment], write the attention output, gate with the memory's answer."""
+        seg = self.cfg.segment_len
+        outs = []
+        for s in range(0, x.shape[1], seg):
+            if self._checkpointing():
+                o, mem = checkpoint(self._mac_segment, x[:, s : s + seg], mem, use_reentrant=False)
+            else:
+                o, mem = self._mac_segment(x[:, s : s + seg], mem)
+            outs.append(o)
+        return torch.cat(outs, dim=1), mem
+
+
+class Titans(nn.Module):
+    """`model(tokens (B, L), state=None) -> SeqOutput(logits, state)`; state = per-layer memory
+    (+ sliding-window KV cache for MAG / MAL). Pieces must be multiples of `stream_multiple`."""
+
+    def __init__(self, cfg: TitansConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(TitansBlock(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+        self.stream_multiple = math.lcm(
+            cfg.chunk_size, cfg.segment_len if cfg.variant == "mac" else 1
+        )
+        std = cfg.dim**-0.5
+        nn.init.normal_(self.embed.weight, 0.0, std)
+        if not cfg.tie_embeddings:
+            nn.init.normal_(self.head.weight, 0.0, std)
+
+    def forward(
+        self,
+        tokens: Tensor,
+        state: list[dict] | None = None,
+        targets: Tensor | None = None,
+        loss_mask: Tensor | None = None,
+    ) -> SeqOutput:
+        x = self.embed(tokens)
+        states = [dict(s) for s in state] if state is not None else [{} for _ in self.layers]
+        for layer, st in zip(self.layers, states):
+            x, _ = layer(x, st)
+        h = self.norm(x)
+        if targets is not None:
+            chunk = self.cfg.loss_chunk or h.shape[1]
+            loss = chunked_lm_loss(h, self.head.weight, targets, loss_mask, chunk)
+            return SeqOutput(None, states, loss=loss)
+        return SeqOutput(self.head(h), states)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """6 N (matmul params) + attention over the window / segment + the memory's own work
+        (forward, analytic gradient and retrieval of each token: ~3x a forward of the MLP)."""
+        cfg = self.cfg
+        n = sum(p.numel() for p in self.parameters()) - self.embed.weight.numel()
+        ctx = {"mac": 2 * cfg.segment_len, "mag": cfg.window, "mal": cfg.window}.get(cfg.variant, 0)
+        mem = sum(w.numel() for blk in self.layers for w in blk.memory.memory_init)
+        return 6 * n + 6 * cfg.n_layers * cfg.dim * ctx + 6 * 3 * mem
+
+
+def _titans(variant: str, **kw) -> Callable[[], TitansConfig]:
+    return lambda: TitansConfig(variant=variant, **kw)
+
+
+# Paper sizes (Titans §5: 170M / 340M / 400M / 760M on a Llama-2 32K vocab, untied head). The
+# paper gives neither widths nor window / segment / chunk sizes: LMM keeps Transformer++'s
+# depth; the hybrids (attention + memory per layer, ~2x the mixing parameters) use fewer layers
+# so the FFN stays ~2.5x wide; FFN widths are calibrated to the nominal counts (within 0.3%).
+PAPER_ARGS = dict(
+    vocab_size=32000,
+    tie_embeddings=False,
+    chunk_size=64,
+    segment_len=512,
+    window=512,
+    persistent=16,
+    loss_chunk=16384,
+)
+# size -> (dim, layers, heads, ffn_hidden) for LMM and for the hybrids (MAC / MAG / MAL)
+_LMM_SIZES = {
+    "170m": (768, 12, 12, 2912),
+    "340m": (1024, 24, 16, 1824),
+    "400m": (1024, 28, 16, 1984),
+    "760m": (1536, 24, 16, 3136),
+}
+_HYBRID_SIZES = {
+    "170m": (768, 10, 12, 2752),
+    "340m": (1024, 16, 16, 2304),
+    "400m": (1024, 18, 16, 2784),
+    "760m": (1536, 16, 16, 4096),
+}
+NOMINAL_PARAMS: dict[str, float] = {}
+
+
+def _sized(variant: str, size: tuple[int, int, int, int], **extra) -> Callable[[], TitansConfig]:
+    dim, layers, heads, ffn = size
+    return _titans(
+        variant,
+        dim=dim,
+        n_layers=layers,
+        n_heads=heads,
+        mem_heads=heads,
+        ffn_hidden=ffn,
+        **PAPER_ARGS,
+        **extra,
+    )
+
+
+for _variant in ("lmm", "mac", "mag", "mal"):
+    register(
+        ModelSpec(
+            name=f"titans-{_variant}-tiny",
+            family="titans",
+            config_fn=_titans(_variant),
+            builder=Titans,
+        )
+    )
+    _table = _LMM_SIZES if _variant == "lmm" else _HYBRID_SIZES
+    for _size, _dims in _table.items():
+        _name = f"titans-{_variant}-{_size}"
+        register(
+            ModelSpec(
+                name=_name, family="titans", config_fn=_sized(_variant, _dims), builder=Titans
+            )
+        )
+        NOMINAL_PARAMS[_name] = float(_size[:-1]) * 1e6

@@ -235,7 +235,7 @@ def test_dispatch_and_errors() -> None:
     y_chk, _ = neural_memory(chunk_size=8, **kw)
     assert rel_rms(y_ref, y_chk) < TOL
     with pytest.raises(ValueError, match="impl"):
-        neural_memory(chunk_size=8, impl="triton", **kw)
+        neural_memory(chunk_size=8, impl="no-such-impl", **kw)
     with pytest.raises(ValueError, match="attn_bias"):
         MemoryRule(attn_bias="l1")
     with pytest.raises(ValueError, match="retention"):

@@ -37,7 +37,7 @@ def _all_nominal() -> dict[str, float]:
     import importlib
 
     out: dict[str, float] = {}
-    for mod in ("retnet", "landmark", "lightnet", "aaren", "titans_models", "miras"):
+    for mod in ("retnet", "landmark", "lightnet", "aaren", "titans", "miras"):
         out.update(getattr(importlib.import_module(f"models.sequence.{mod}"), "NOMINAL_PARAMS"))
     return out
 

@@ -1,0 +1,221 @@
+"""Neural memory, fwd+bwd: our NeuralMemory beside titans-pytorch's at the same config.
+
+Config: dim 256, 4 heads of 64, chunk 64, depth-2 MLP memory with expansion 4, batch 1, fp32.
+titans-pytorch runs in its `batch_size=64` mode (gradients at the start of each 64-token
+window, like ours) and in its default mode (every gradient at the segment's initial weights).
+Each (implementation, length) runs in a fresh subprocess, so its peak RSS (ru_maxrss) is that
+configuration's alone. Reported: best-of-N tokens/s of forward + backward of mean(y²), peak RSS,
+ratios ours / theirs, and our achieved GFLOP/s (matmul FLOPs counted by torch's FlopCounter).
+
+The two do different work per token. Ours writes every token into the memory and retrieves
+token t with the weights after token t (the dual form costs b x width extra per token);
+titans-pytorch writes one averaged update per 64-token chunk and retrieves chunk n with the
+weights after chunk n-1.
+
+    python benchmarks/memory_vs_titans_pytorch.py [--lengths 2k,8k,32k] [--repeats 3]
+        [--impls ours,ours-ckpt,titans-bs64,titans] [--threads 2] [--bs64-max-len 8k]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DIM, HEADS, HEAD_DIM, CHUNK, DEPTH, EXPANSION = 256, 4, 64, 64, 2, 4
+IMPLS = ("ours", "ours-ckpt", "titans-bs64", "titans")
+DEFAULT_IMPLS = ("ours", "ours-ckpt", "titans-bs64", "titans")
+PEAK_GFLOPS = {"fp32 2 threads": 300, "64-wide batched matmul": 80}  # from the brief
+
+
+def build(impl: str) -> torch.nn.Module:
+    """The module under test; same widths, heads, chunk and memory MLP for all."""
+    if impl.startswith("ours"):
+        from models.sequence.titans import NeuralMemory
+
+        return NeuralMemory(
+            DIM, HEADS, CHUNK, depth=DEPTH, expansion=EXPANSION, checkpoint=impl == "ours-ckpt"
+        )
+    from titans_pytorch import NeuralMemory as TitansNeuralMemory
+
+    return TitansNeuralMemory(
+        dim=DIM,
+        chunk_size=CHUNK,
+        heads=HEADS,
+        dim_head=HEAD_DIM,
+        batch_size=64 if impl == "titans-bs64" else None,
+        default_model_kwargs={"depth": DEPTH, "expansion_factor": float(EXPANSION)},
+    )
+
+
+def worker(impl: str, length: int, repeats: int, threads: int) -> dict:
+    """Runs in its own process: one warm-up step, then `repeats` timed fwd+bwd steps."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    rss_idle = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    mod = build(impl)
+    x = torch.randn(1, length, DIM)
+
+    def step() -> None:
+        mod.zero_grad(set_to_none=True)
+        y = mod(x)[0]
+        y.square().mean().backward()
+
+    step()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return {
+        "impl": impl,
+        "length": length,
+        "best_s": min(times),
+        "median_s": statistics.median(times),
+        "tok_s": length / min(times),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "idle_rss_mb": rss_idle,
+    }
+
+
+def count_flops(impl: str, length: int) -> float:
+    """Matmul FLOPs of one fwd+bwd step (grouped convs are left out: the counter treats a
+    depthwise conv as dense; ours costs ~0.1 MFLOP per token)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    mod = build(impl)
+    x = torch.randn(1, length, DIM)
+    with FlopCounterMode(display=False) as counter:
+        mod(x)[0].square().mean().backward()
+    per_op = counter.get_flop_counts()["Global"]
+    return float(sum(v for op, v in per_op.items() if "conv" not in str(op)))
+
+
+def run_isolated(args: list[str]) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if out.returncode != 0:
+        lines = (out.stderr or out.stdout).strip().splitlines()
+        return {"error": lines[-1] if lines else f"worker exited with code {out.returncode}"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def parse_lengths(text: str) -> list[int]:
+    return [int(float(t[:-1]) * 1024) if t.endswith("k") else int(t) for t in text.split(",")]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--lengths", default="2k,8k,32k", help="comma list, e.g. 2k,8k,32k or 4096")
+    ap.add_argument("--impls", default=",".join(DEFAULT_IMPLS), help=f"subset of {IMPLS}")
+    ap.add_argument("--repeats", type=int, default=3, help="timed steps per config (best kept)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--bs64-max-len",
+        default="8k",
+        help="longest L for titans-bs64: its RSS grows ~0.5 GB per 1k tokens (4.2 GB at 8k), "
+        "so 32k would need ~16 GB of a shared machine's memory",
+    )
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--flops", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.worker:
+        impl, length = a.worker.split(":")
+        print(json.dumps(worker(impl, int(length), a.repeats, a.threads)))
+        return
+    if a.flops:
+        impl, length = a.flops.split(":")
+        print(json.dumps({"flops": count_flops(impl, int(length))}))
+        return
+
+    lengths, impls = parse_lengths(a.lengths), a.impls.split(",")
+    bad = sorted(set(impls) - set(IMPLS))
+    if bad:
+        raise SystemExit(f"unknown --impls {bad}; choose from {IMPLS}")
+    print(
+        f"torch {torch.__version__}, {a.threads} threads, {os.cpu_count()} CPUs, "
+        f"load avg at start {os.getloadavg()[0]:.1f} (shared machine: figures may read low)"
+    )
+    print(
+        f"config: dim {DIM}, {HEADS} heads x {HEAD_DIM}, chunk {CHUNK}, depth-{DEPTH} MLP "
+        f"memory x{EXPANSION}, batch 1, fp32; fwd+bwd, best of {a.repeats}"
+    )
+    flops_per_tok = {}
+    for impl in ("ours", "ours-ckpt"):
+        if impl in impls:
+            n = min(lengths)
+            flops_per_tok[impl] = run_isolated(["--flops", f"{impl}:{n}"]).get("flops", 0.0) / n
+
+    results: dict[tuple[str, int], dict] = {}
+    bs64_max = parse_lengths(a.bs64_max_len)[0]
+    for length in lengths:
+        for impl in impls:
+            if impl == "titans-bs64" and length > bs64_max:
+                results[impl, length] = {"error": f"skipped above --bs64-max-len {bs64_max}"}
+                print(f"  [{length:>6}] {impl:<12} skipped (memory, see --bs64-max-len)")
+                continue
+            r = run_isolated(
+                [
+                    "--worker",
+                    f"{impl}:{length}",
+                    "--repeats",
+                    str(a.repeats),
+                    "--threads",
+                    str(a.threads),
+                ]
+            )
+            results[impl, length] = r
+            msg = r.get("error") or (
+                f"{r['tok_s']:,.0f} tok/s (median {length / r['median_s']:,.0f}), "
+                f"peak RSS {r['peak_rss_mb']:,.0f} MB"
+            )
+            print(f"  [{length:>6}] {impl:<12} {msg}", flush=True)
+
+    mine = [i for i in ("ours", "ours-ckpt") if i in impls]
+    heads = "".join(f" {m} ÷ it: tok/s | {m} ÷ it: RSS |" for m in mine)
+    print(f"\n| L | impl | tok/s | peak RSS MB |{heads}")
+    print("|---|---|---|---|" + "---|---|" * len(mine))
+    for length in lengths:
+        for impl in impls:
+            r = results[impl, length]
+            if "error" in r:
+                print(f"| {length} | {impl} | {r['error'][:70]} | |" + " | |" * len(mine))
+                continue
+            cells = ""
+            for m in mine:
+                o = results.get((m, length), {})
+                if impl.startswith("titans") and "tok_s" in o:
+                    cells += f" {o['tok_s'] / r['tok_s']:.2f}x |"
+                    cells += f" {o['peak_rss_mb'] / r['peak_rss_mb']:.2f}x |"
+                else:
+                    cells += " | |"
+            print(f"| {length} | {impl} | {r['tok_s']:,.0f} | {r['peak_rss_mb']:,.0f} |{cells}")
+    print()
+    for impl, fpt in flops_per_tok.items():
+        rates = [
+            f"L={n}: {fpt * results[impl, n]['tok_s'] / 1e9:.1f}"
+            for n in lengths
+            if "tok_s" in results.get((impl, n), {})
+        ]
+        print(
+            f"{impl}: {fpt / 1e6:.2f} MFLOP/token (matmuls, fwd+bwd); achieved GFLOP/s "
+            f"{', '.join(rates)}"
+        )
+    print(f"CPU reference peaks (GFLOP/s): {PEAK_GFLOPS}")
+    print(f"load avg at end {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()
