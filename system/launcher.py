@@ -42,6 +42,8 @@ def connect(address: str, workers: int, cpus_per_worker: float) -> bool:
         return False
     env_vars = {k: os.environ[k] for k in _RAY_ENV}
     env_vars["PYTHONPATH"] = _pythonpath()
+    # Fault injection (tests) must reach workers on any cluster, not only forked local ones.
+    env_vars.update({k: v for k, v in os.environ.items() if k.startswith("MNEMO_FAULT_")})
     job_keys = _submitted_job_env_keys()
     runtime_env = {"env_vars": {k: v for k, v in env_vars.items() if k not in job_keys}}
     if address == "local" or (address == "auto" and not os.environ.get("RAY_ADDRESS")):
@@ -113,9 +115,11 @@ def build_trainer(cfg: JobConfig) -> Any:
         scaling_config=ScalingConfig(
             num_workers=s.workers, use_gpu=use_gpu, resources_per_worker=resources
         ),
+        # Experiment dir = RUN_DIR/checkpoints, so the Checkpointer's step dirs are reported
+        # in place (CheckpointUploadMode.NO_UPLOAD, no second copy) and pruned by num_to_keep.
         run_config=RunConfig(
-            name="ray_train",
-            storage_path=str(run_dir / "ray"),
+            name="checkpoints",
+            storage_path=str(run_dir),
             failure_config=FailureConfig(max_failures=s.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
         ),
@@ -143,6 +147,13 @@ def run(cfg: JobConfig) -> dict[str, Any]:
             )
         Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
         cfg.save(Path(cfg.run_dir) / "config.json")
+        if cfg.resume == "never":  # a Ray restart after a crash must resume this launch's own
+            import dataclasses
+
+            from system.checkpoint import retire_checkpoints
+
+            retire_checkpoints(Path(cfg.run_dir))
+            cfg = dataclasses.replace(cfg, resume="auto")
         result = build_trainer(cfg).fit()
         if result.error is not None:
             raise result.error

@@ -1,0 +1,65 @@
+"""`mnemo eval niah`: the accuracy metric on known models, then the CLI on a real checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from models.outputs import SeqOutput
+from system.cli import main as mnemo
+from system.evaluate import parse_lengths, probe_accuracy
+from tests._runs import check, run_torchrun, tiny_config
+
+
+class _Copycat(torch.nn.Module):
+    """Predicts the true next token when `oracle`, else always token 0."""
+
+    def __init__(self, oracle: bool) -> None:
+        super().__init__()
+        self.oracle = oracle
+        self.full: torch.Tensor | None = None
+
+    def forward(self, tokens):
+        b, n = tokens.shape
+        logits = torch.zeros(b, n, 258)
+        if self.oracle:
+            # The probe's answer is the repeated passkey: find it in the needle and copy it.
+            for i in range(b):
+                text = bytes(tokens[i].tolist()).decode("latin-1")
+                key = text.split("The pass key is ")[1][:5]
+                nxt = torch.tensor(list((text[1:] + key[-1]).encode("latin-1")))
+                q = text.rindex("It is ") + len("It is ")
+                nxt[q - 1 : q - 1 + 5] = torch.tensor(list(key.encode()))
+                logits[i, torch.arange(n), nxt[:n]] = 1.0
+        return SeqOutput(logits)
+
+
+def test_metric_on_known_models():
+    assert probe_accuracy(_Copycat(True), 300, 0.5, 4) == 1.0
+    assert probe_accuracy(_Copycat(False), 300, 0.5, 4) == 0.0
+
+
+def test_parse_lengths():
+    assert parse_lengths("1k,4k,2m,300") == [1024, 4096, 2 * 1024**2, 300]
+    with pytest.raises(ValueError, match="--lengths entry 'x1'"):
+        parse_lengths("1k,x1")
+
+
+@pytest.mark.slow
+def test_cli_on_a_trained_checkpoint(tmp_path, capsys):
+    cfg = tiny_config(tmp_path / "run")
+    check(run_torchrun(cfg, nproc=1))
+    ckpt = sorted((tmp_path / "run" / "checkpoints").glob("step_*"))[-1]
+    out = tmp_path / "eval"
+    rc = mnemo(["eval", "niah", "--checkpoint", str(ckpt), "--lengths", "128,256",
+                "--depths", "0,0.5,1", "--samples", "2", "--out", str(out)])
+    assert rc == 0
+    res = json.loads((out / "niah.json").read_text())
+    acc = np.array(res["accuracy"])
+    assert acc.shape == (3, 2) and ((acc >= 0) & (acc <= 1)).all()
+    assert (out / "niah.png").read_bytes()[:4] == b"\x89PNG"
+    assert "depth \\ length" in capsys.readouterr().out
+    assert mnemo(["eval", "niah", "--checkpoint", str(tmp_path / "nope")]) == 2
