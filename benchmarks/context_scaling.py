@@ -38,8 +38,13 @@ def one_step(model_name: str, length: int, args: dict) -> dict:
     opt.step()
     dt = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    return {"length": length, "seconds": dt, "peak_rss_gb": peak, "baseline_rss_gb": rss0,
-            "loss": float(out.loss)}
+    return {
+        "length": length,
+        "seconds": dt,
+        "peak_rss_gb": peak,
+        "baseline_rss_gb": rss0,
+        "loss": float(out.loss),
+    }
 
 
 def main() -> None:
@@ -60,27 +65,45 @@ def main() -> None:
     rows = []
     for n in parse_lengths(a.lengths):
         proc = subprocess.run(
-            [sys.executable, __file__, "--model", a.model, "--segment", str(a.segment),
-             "--child", str(n)], capture_output=True, text=True, cwd=ROOT,
+            [
+                sys.executable,
+                __file__,
+                "--model",
+                a.model,
+                "--segment",
+                str(a.segment),
+                "--child",
+                str(n),
+            ],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
         )
         if proc.returncode != 0:
             print(f"L={n}: failed\n{proc.stderr[-2000:]}")
             break
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         r = rows[-1]
-        print(f"L={n:>9,}  step {r['seconds']:8.1f} s  {n / r['seconds']:9.0f} tok/s  "
-              f"peak RSS {r['peak_rss_gb']:6.2f} GB", flush=True)
+        print(
+            f"L={n:>9,}  step {r['seconds']:8.1f} s  {n / r['seconds']:9.0f} tok/s  "
+            f"peak RSS {r['peak_rss_gb']:6.2f} GB",
+            flush=True,
+        )
     if not rows:
         return
     base = rows[0]
     per0 = (base["peak_rss_gb"] - base["baseline_rss_gb"]) / base["length"]
-    print(f"\n{'length':>10} {'s/step':>8} {'peak GB':>8} {'GB above start':>15} "
-          f"{'per-token vs first':>19}")
+    print(
+        f"\n{'length':>10} {'s/step':>8} {'peak GB':>8} {'GB above start':>15} "
+        f"{'per-token vs first':>19}"
+    )
     for r in rows:
         extra = r["peak_rss_gb"] - r["baseline_rss_gb"]
         ratio = (extra / r["length"]) / per0 if per0 > 0 else float("nan")
-        print(f"{r['length']:>10,} {r['seconds']:>8.1f} {r['peak_rss_gb']:>8.2f} "
-              f"{extra:>15.2f} {ratio:>19.2f}")
+        print(
+            f"{r['length']:>10,} {r['seconds']:>8.1f} {r['peak_rss_gb']:>8.2f} "
+            f"{extra:>15.2f} {ratio:>19.2f}"
+        )
     last = rows[-1]
     if last["length"] >= 2_097_152:
         ok = "yes" if last["peak_rss_gb"] <= 16 else "NO"

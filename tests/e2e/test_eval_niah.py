@@ -54,8 +54,22 @@ def test_cli_on_a_trained_checkpoint(tmp_path, capsys):
     check(run_torchrun(cfg, nproc=1))
     ckpt = sorted((tmp_path / "run" / "checkpoints").glob("step_*"))[-1]
     out = tmp_path / "eval"
-    rc = mnemo(["eval", "niah", "--checkpoint", str(ckpt), "--lengths", "128,256",
-                "--depths", "0,0.5,1", "--samples", "2", "--out", str(out)])
+    rc = mnemo(
+        [
+            "eval",
+            "niah",
+            "--checkpoint",
+            str(ckpt),
+            "--lengths",
+            "128,256",
+            "--depths",
+            "0,0.5,1",
+            "--samples",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     res = json.loads((out / "niah.json").read_text())
     acc = np.array(res["accuracy"])

@@ -38,7 +38,7 @@ def _all_nominal() -> dict[str, float]:
 
     out: dict[str, float] = {}
     for mod in ("retnet", "landmark", "lightnet", "aaren", "titans", "miras"):
-        out.update(getattr(importlib.import_module(f"models.sequence.{mod}"), "NOMINAL_PARAMS"))
+        out.update(importlib.import_module(f"models.sequence.{mod}").NOMINAL_PARAMS)
     return out
 
 
