@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.layers.lm import build_trunk, init_lm_weights
 from models.layers.norms import RMSNorm
 from models.ops.scan import AarenState, aaren_scan, aaren_step
 from models.outputs import SeqOutput
@@ -95,22 +96,11 @@ class AarenLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.stream_multiple = 1  # the (m, u, w) summary continues exactly from any split
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(AarenBlock(cfg) for _ in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.head.weight = self.embed.weight
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        std = self.cfg.dim**-0.5
+        build_trunk(self, cfg, AarenBlock)
+        init_lm_weights(self, cfg.dim, cfg.n_layers)
         for name, p in self.named_parameters():
             if name.endswith("query"):
                 nn.init.normal_(p, 0.0, 1.0)  # scores q.k / sqrt(Dh) start at unit scale
-            elif p.dim() == 2:
-                deep = name.endswith(("wo.weight", "w2.weight"))
-                nn.init.normal_(p, 0.0, std / (2 * self.cfg.n_layers) ** 0.5 if deep else std)
 
     def forward(self, tokens: torch.Tensor, state: AarenLMState | None = None) -> SeqOutput:
         pos0 = state.pos if state is not None else 0

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.layers.lm import init_lm_weights
 from models.layers.mlp import SwiGLU, swiglu_hidden
 from models.layers.norms import RMSNorm
 from models.layers.rotary import apply_rope
@@ -263,14 +264,7 @@ class LandmarkLM(nn.Module):
         self.layers = nn.ModuleList(LandmarkBlock(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        std = self.cfg.dim**-0.5
-        for name, p in self.named_parameters():
-            if p.dim() == 2:
-                deep = name.endswith(("wo.weight", "w2.weight"))
-                nn.init.normal_(p, 0.0, std / (2 * self.cfg.n_layers) ** 0.5 if deep else std)
+        init_lm_weights(self, cfg.dim, cfg.n_layers)
 
     def forward(self, tokens: torch.Tensor, state: LandmarkState | None = None) -> SeqOutput:
         f = self.cfg.mem_freq

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models.layers.lm import build_trunk, init_lm_weights
 from models.layers.mlp import SwiGLU, swiglu_hidden
 from models.layers.norms import RMSNorm
 from models.outputs import SeqOutput
@@ -225,20 +226,8 @@ class LightNet(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.stream_multiple = 1  # log-space state: any split continues exactly
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(LightNetBlock(cfg) for _ in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.head.weight = self.embed.weight
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        std = self.cfg.dim**-0.5
-        for name, p in self.named_parameters():
-            if p.dim() == 2:
-                deep = name.endswith(("wo.weight", "w2.weight"))
-                nn.init.normal_(p, 0.0, std / (2 * self.cfg.n_layers) ** 0.5 if deep else std)
+        build_trunk(self, cfg, LightNetBlock)
+        init_lm_weights(self, cfg.dim, cfg.n_layers)
 
     def forward(self, tokens: torch.Tensor, state: LightNetState | None = None) -> SeqOutput:
         pos0 = state.pos if state is not None else 0

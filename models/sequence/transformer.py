@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from models.layers.attention import attention
+from models.layers.lm import build_trunk, init_lm_weights
 from models.layers.mlp import SwiGLU, swiglu_hidden
 from models.layers.norms import RMSNorm
 from models.layers.rotary import apply_rope, rope_angles
@@ -96,26 +97,8 @@ class Transformer(nn.Module):
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.head.weight = self.embed.weight
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        std = self.cfg.dim**-0.5
-        for name, p in self.named_parameters():
-            if p.dim() == 2:
-                # Output projections scaled by depth, as GPT-2 / nanoGPT do, to keep the
-                # residual stream's variance flat at init.
-                s = (
-                    std / (2 * self.cfg.n_layers) ** 0.5
-                    if name.endswith(("wo.weight", "w2.weight"))
-                    else std
-                )
-                nn.init.normal_(p, 0.0, s)
+        build_trunk(self, cfg, Block)
+        init_lm_weights(self, cfg.dim, cfg.n_layers)
 
     def forward(self, tokens: torch.Tensor, state: KVState | None = None) -> SeqOutput:
         L = tokens.shape[1]
