@@ -208,7 +208,7 @@ def test_recipe_job_joins_the_submitted_cluster(head: Head, tmp_path: Path):
         "k8s/runtime-env.yaml",
         "--",
         "python",
-        "launch/transformer_lm.py",
+        "launch/titans_2m.py",
         "--preset",
         "smoke",
         "--address",
@@ -266,7 +266,7 @@ def test_recipe_job_joins_the_submitted_cluster(head: Head, tmp_path: Path):
         / "working_dir_files"
         / pkg.removeprefix("gcs://").removesuffix(".zip")
     )
-    assert (unpacked / "launch" / "transformer_lm.py").exists(), f"{pkg} not unpacked at {unpacked}"
+    assert (unpacked / "launch" / "titans_2m.py").exists(), f"{pkg} not unpacked at {unpacked}"
     for junk in (".venv", ".git", "runs"):
         assert not (unpacked / junk).exists(), f"{junk} was uploaded with the working dir"
     print(f"[ray job submit] {STEPS} steps on a 1-node token-auth cluster in {wall:.1f} s")
