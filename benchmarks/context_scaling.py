@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/context_scaling.py --model titans-mac-tiny [--lengths 16k,...]
 
 Each length runs in a fresh process so its peak RSS is its own. The long-context savers of the
-full recipe are on (memory checkpointed per segment, chunked loss). Goal: memory linear in L,
+full recipe are on (block-level activation checkpointing, memory checkpointed per segment,
+chunked loss). Goal: memory linear in L,
 and the 2,097,152-token step within 16 GB here. Prints time, tokens/s and peak RSS per length,
 and the RSS per token relative to the shortest length (1.0 = linear).
 """
@@ -27,8 +28,11 @@ def one_step(model_name: str, length: int, args: dict) -> dict:
 
     import models
 
+    from system.strategies.fsdp import apply_activation_checkpointing
+
     torch.manual_seed(0)
     model = models.build(model_name, **args).train()
+    apply_activation_checkpointing(model)  # per block, as the full recipe's strategy does
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     tokens = torch.randint(0, 256, (1, length + 1))
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
