@@ -27,7 +27,6 @@ def one_step(model_name: str, length: int, args: dict) -> dict:
     import torch
 
     import models
-
     from system.strategies.fsdp import apply_activation_checkpointing
 
     torch.manual_seed(0)
