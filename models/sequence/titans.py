@@ -151,7 +151,7 @@ class NeuralMemory(nn.Module):
         """
         full = torch.cat([cache.to(u_BLC.dtype), u_BLC.mT], dim=-1)
         out = F.conv1d(full, weight, bias, groups=weight.shape[0]).mT
-        return out, full[..., full.shape[-1] - (self.kernel - 1) :]
+        return out, full[..., full.shape[-1] - (self.kernel - 1) :].clone()  # not a view of u
 
     def _split_heads(self, t_BLX: Tensor) -> Tensor:
         b, length, _ = t_BLX.shape
@@ -412,7 +412,11 @@ class TitansBlock(nn.Module):
             m, st["mem"] = self._memory(u, st.get("mem"))
             x = x + self.gate(a, m)
         else:
+            # MAC is segment-wise end to end: the FFN runs inside each (checkpointed) segment,
+            # so a 2M-token block never holds full-length FFN activations.
             x, st["mem"] = self._mac(x, st.get("mem"))
+            st["pos"] = st.get("pos", 0) + x.shape[1]
+            return x, st
         st["pos"] = st.get("pos", 0) + x.shape[1]
         return x + self.ffn(self.ffn_norm(x)), st
 
@@ -436,7 +440,8 @@ class TitansBlock(nn.Module):
         h = self.memory.retrieve(u, mem)
         y = self.attn(u, h)
         m, mem = self.memory(y, mem)
-        return x_seg + self.gate(y, m), mem
+        x_seg = x_seg + self.gate(y, m)
+        return x_seg + self.ffn(self.ffn_norm(x_seg)), mem
 
     def _mac(self, x: Tensor, mem: NeuralMemoryState | None):
         """Segments in order: read memory (state before the segment), attend over

@@ -318,6 +318,8 @@ def memory_chunked(
         ys.extend(y_group)
 
     y = torch.cat(ys, dim=1)[:, :length].reshape(bsz, heads, length, -1).to(q.dtype)
-    unflat = lambda t: t.reshape(bsz, heads, *t.shape[1:])
+    # The state is carried across pieces and checkpoint boundaries: copy it out so it does not
+    # keep the per-chunk tensors it was sliced from alive (O(L) memory at 2M tokens).
+    unflat = lambda t: t.reshape(bsz, heads, *t.shape[1:]).clone()
     mom = None if ss is None else tuple(unflat(s) for s in ss)
     return y, MemoryState(tuple(unflat(x) for x in xs), mom)
