@@ -43,15 +43,6 @@ class BatchLoader(Protocol):
     def info(self) -> LoaderInfo: ...
 
 
-def rank_indices(start: int, rank: int, world: int) -> Iterator[int]:
-    """Global sample indices owned by `rank`, from the first one >= `start`."""
-    first = start + ((rank - start) % world)
-    i = first
-    while True:
-        yield i
-        i += world
-
-
 class IndexedBatchDataset(torch.utils.data.IterableDataset):
     """Batches of a source whose sample `i` is a pure function of `i` (synthetic, text windows).
 
