@@ -108,14 +108,16 @@ def _retention_row(args: argparse.Namespace, T: int, dtype: torch.dtype, fla_fn)
     def ours(mode: str) -> Callable[[], torch.Tensor]:
         return lambda: retention(q, k, v, decay, mode=mode, chunk_size=args.chunk)[0]
 
-    def timed(fn, leaves, grad, iters) -> float | str:
+    def timed(fn, leaves, grad, iters, label) -> float | str:
         step = _fwd_bwd_step(fn, leaves, grad)
-        return _cell(lambda: time_fwd_bwd(step, args.warmup, iters))
+        ms = _cell(lambda: time_fwd_bwd(step, args.warmup, iters))
+        print(f"#   T={T} {label}: {ms} ms", file=sys.stderr, flush=True)  # progress, if cut off
+        return ms
 
-    t_tri = timed(ours("triton"), [q, k, v], do, args.iters)
+    t_tri = timed(ours("triton"), [q, k, v], do, args.iters, "triton")
     t_chk: float | str = "skip"
     if not args.skip_chunked:
-        t_chk = timed(ours("chunked"), [q, k, v], do, max(1, args.iters // 2))
+        t_chk = timed(ours("chunked"), [q, k, v], do, max(1, args.iters // 2), "chunked")
     t_fla: float | str = "n/a"
     err = "-"
     if fla_fn is not None:
@@ -128,7 +130,7 @@ def _retention_row(args: argparse.Namespace, T: int, dtype: torch.dtype, fla_fn)
         def fla_o() -> torch.Tensor:
             return fla_fn(qf, kf, vf, **kw)[0]
 
-        t_fla = timed(fla_o, [qf, kf, vf], dof, args.iters)
+        t_fla = timed(fla_o, [qf, kf, vf], dof, args.iters, "fla")
         with torch.no_grad():
             ref, out = fla_o().transpose(1, 2).float(), ours("triton")().float()
             err = f"{((ref - out).pow(2).mean() / ref.pow(2).mean()).sqrt().item():.2e}"

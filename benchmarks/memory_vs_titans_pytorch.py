@@ -14,6 +14,14 @@ weights after chunk n-1.
 
     python benchmarks/memory_vs_titans_pytorch.py [--lengths 2k,8k,32k] [--repeats 3]
         [--impls ours,ours-ckpt,titans-bs64,titans] [--threads 2] [--bs64-max-len 8k]
+    python benchmarks/memory_vs_titans_pytorch.py --device cuda --dtype bf16 \
+        --impls ours,ours-triton,titans-bs64,titans
+
+GPU variant (--device cuda): every configuration runs in this one process, timed with CUDA
+synchronisation; "peak" is torch.cuda.max_memory_allocated of that configuration, reset
+before it. --dtype bf16 casts the module and its input to bf16 (titans-pytorch fails under
+CUDA autocast: its TorchScript scan gets mixed dtypes); our memory op still computes in fp32.
+"ours-triton" is our NeuralMemory with impl="triton" (the fused kernels; CUDA only).
 """
 
 from __future__ import annotations
@@ -34,8 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 DIM, HEADS, HEAD_DIM, CHUNK, DEPTH, EXPANSION = 256, 4, 64, 64, 2, 4
-IMPLS = ("ours", "ours-ckpt", "titans-bs64", "titans")
-DEFAULT_IMPLS = ("ours", "ours-ckpt", "titans-bs64", "titans")
+IMPLS = ("ours", "ours-ckpt", "ours-triton", "titans-bs64", "titans")
+DEFAULT_IMPLS = ("ours", "ours-ckpt", "ours-triton", "titans-bs64", "titans")
 PEAK_GFLOPS = {"fp32 2 threads": 300, "64-wide batched matmul": 80}  # from the brief
 
 
@@ -45,7 +53,13 @@ def build(impl: str) -> torch.nn.Module:
         from models.sequence.titans import NeuralMemory
 
         return NeuralMemory(
-            DIM, HEADS, CHUNK, depth=DEPTH, expansion=EXPANSION, checkpoint=impl == "ours-ckpt"
+            DIM,
+            HEADS,
+            CHUNK,
+            depth=DEPTH,
+            expansion=EXPANSION,
+            checkpoint=impl == "ours-ckpt",
+            impl="triton" if impl == "ours-triton" else "chunked",
         )
     from titans_pytorch import NeuralMemory as TitansNeuralMemory
 
@@ -89,6 +103,49 @@ def worker(impl: str, length: int, repeats: int, threads: int) -> dict:
     }
 
 
+def worker_cuda(impl: str, length: int, repeats: int, dtype: str) -> dict:
+    """GPU variant, in-process: warm-up (Triton compiles here), then timed fwd+bwd steps."""
+    torch.manual_seed(0)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    dt = torch.bfloat16 if dtype == "bf16" else torch.float32
+    mod = build(impl).to(device="cuda", dtype=dt)
+    x = torch.randn(1, length, DIM, device="cuda", dtype=dt)
+
+    def step() -> None:
+        mod.zero_grad(set_to_none=True)
+        y = mod(x)[0]
+        y.float().square().mean().backward()
+
+    step()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() / 2**20
+    return {
+        "impl": impl,
+        "length": length,
+        "best_s": min(times),
+        "median_s": statistics.median(times),
+        "tok_s": length / min(times),
+        "peak_rss_mb": peak,
+        "idle_rss_mb": 0.0,
+    }
+
+
+def run_cuda(impl: str, length: int, repeats: int, dtype: str) -> dict:
+    """One GPU configuration; an exception (OOM, an unsupported op) becomes the table cell."""
+    try:
+        return worker_cuda(impl, length, repeats, dtype)
+    except Exception as exc:  # noqa: BLE001 - reported in the table, never swallowed
+        torch.cuda.empty_cache()
+        return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"}
+
+
 def count_flops(impl: str, length: int) -> float:
     """Matmul FLOPs of one fwd+bwd step (grouped convs are left out: the counter treats a
     depthwise conv as dense; ours costs ~0.1 MFLOP per token)."""
@@ -122,6 +179,10 @@ def main() -> None:
     ap.add_argument("--impls", default=",".join(DEFAULT_IMPLS), help=f"subset of {IMPLS}")
     ap.add_argument("--repeats", type=int, default=3, help="timed steps per config (best kept)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument(
+        "--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16: module and input in bf16"
+    )
     ap.add_argument(
         "--bs64-max-len",
         default="8k",
@@ -144,17 +205,28 @@ def main() -> None:
     bad = sorted(set(impls) - set(IMPLS))
     if bad:
         raise SystemExit(f"unknown --impls {bad}; choose from {IMPLS}")
+    cuda = a.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch.cuda.is_available() is False on this machine")
+    if not cuda and (a.dtype != "fp32" or "ours-triton" in impls):
+        raise SystemExit("--dtype bf16 and ours-triton need --device cuda")
+    where = (
+        f"GPU {torch.cuda.get_device_name()}"
+        if cuda
+        else f"{a.threads} threads, {os.cpu_count()} CPUs"
+    )
     print(
-        f"torch {torch.__version__}, {a.threads} threads, {os.cpu_count()} CPUs, "
+        f"torch {torch.__version__}, {where}, "
         f"load avg at start {os.getloadavg()[0]:.1f} (shared machine: figures may read low)"
     )
     print(
         f"config: dim {DIM}, {HEADS} heads x {HEAD_DIM}, chunk {CHUNK}, depth-{DEPTH} MLP "
-        f"memory x{EXPANSION}, batch 1, fp32; fwd+bwd, best of {a.repeats}"
+        f"memory x{EXPANSION}, batch 1, {a.dtype}; fwd+bwd, best of {a.repeats}"
+        + ("; 'RSS' columns are peak CUDA memory allocated" if cuda else "")
     )
     flops_per_tok = {}
     for impl in ("ours", "ours-ckpt"):
-        if impl in impls:
+        if impl in impls and not cuda:
             n = min(lengths)
             flops_per_tok[impl] = run_isolated(["--flops", f"{impl}:{n}"]).get("flops", 0.0) / n
 
@@ -162,9 +234,17 @@ def main() -> None:
     bs64_max = parse_lengths(a.bs64_max_len)[0]
     for length in lengths:
         for impl in impls:
-            if impl == "titans-bs64" and length > bs64_max:
+            if impl == "titans-bs64" and length > bs64_max and not cuda:
                 results[impl, length] = {"error": f"skipped above --bs64-max-len {bs64_max}"}
                 print(f"  [{length:>6}] {impl:<12} skipped (memory, see --bs64-max-len)")
+                continue
+            if cuda:
+                results[impl, length] = r = run_cuda(impl, length, a.repeats, a.dtype)
+                msg = r.get("error") or (
+                    f"{r['tok_s']:,.0f} tok/s (median {length / r['median_s']:,.0f}), "
+                    f"peak CUDA memory {r['peak_rss_mb']:,.0f} MB"
+                )
+                print(f"  [{length:>6}] {impl:<12} {msg}", flush=True)
                 continue
             r = run_isolated(
                 [
@@ -183,7 +263,7 @@ def main() -> None:
             )
             print(f"  [{length:>6}] {impl:<12} {msg}", flush=True)
 
-    mine = [i for i in ("ours", "ours-ckpt") if i in impls]
+    mine = [i for i in ("ours", "ours-ckpt", "ours-triton") if i in impls]
     heads = "".join(f" {m} ÷ it: tok/s | {m} ÷ it: RSS |" for m in mine)
     print(f"\n| L | impl | tok/s | peak RSS MB |{heads}")
     print("|---|---|---|---|" + "---|---|" * len(mine))
@@ -213,7 +293,8 @@ def main() -> None:
             f"{impl}: {fpt / 1e6:.2f} MFLOP/token (matmuls, fwd+bwd); achieved GFLOP/s "
             f"{', '.join(rates)}"
         )
-    print(f"CPU reference peaks (GFLOP/s): {PEAK_GFLOPS}")
+    if not cuda:
+        print(f"CPU reference peaks (GFLOP/s): {PEAK_GFLOPS}")
     print(f"load avg at end {os.getloadavg()[0]:.1f}")
 
 

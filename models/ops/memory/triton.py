@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 
 import torch
 import triton
 from torch import Tensor
+from triton.runtime.errors import OutOfResources
 
 from models.ops.memory.chunked import _ALPHA_MAX, _ETA_MIN
 from models.ops.memory.reference import DEFAULT_RULE, MemoryRule, MemoryState, init_state
@@ -44,6 +46,20 @@ def _precision(dtype: torch.dtype) -> str:
 def _pow2(n: int, cap: int | None = None) -> int:
     tile = max(16, triton.next_power_of_2(n))  # tl.dot needs every dim >= 16
     return tile if cap is None else min(tile, max(16, cap))
+
+
+def _shrinking(launch: Callable[[int], None], tile: int) -> int:
+    """Run `launch(tile)`; when the kernel needs more shared memory than this GPU has, halve
+    the tile (down to 16) and retry. Why: what fits differs by GPU and Triton version (an H100
+    refused the default pipelining at BT = BV = 64); returns the tile that ran."""
+    while True:
+        try:
+            launch(tile)
+            return tile
+        except OutOfResources:
+            if tile <= 16:
+                raise
+            tile //= 2
 
 
 def _log_gates(alpha: Tensor, eta: Tensor | None) -> tuple[Tensor, Tensor | None]:
@@ -85,10 +101,14 @@ class _LinearFn(torch.autograd.Function):
         if mom:
             ss[:, 0] = s0
         y = q.new_empty(G, L, DV)
-        _lin_fwd_kernel[(triton.cdiv(DV, BV), G)](
-            q, k, v, theta, lk, le if mom else lk, ws, ss, y, L, NT, chunk,
-            DK=DK, DV=DV, BT=BT, BK=BK, BV=BV, MOM=mom, PREC=prec, num_warps=4,
-        )  # fmt: skip
+
+        def launch(bv: int) -> None:
+            _lin_fwd_kernel[(triton.cdiv(DV, bv), G)](
+                q, k, v, theta, lk, le if mom else lk, ws, ss, y, L, NT, chunk,
+                DK=DK, DV=DV, BT=BT, BK=BK, BV=bv, MOM=mom, PREC=prec, num_warps=4, num_stages=1,
+            )  # fmt: skip
+
+        BV = _shrinking(launch, BV)
         ctx.save_for_backward(q, k, v, theta, alpha, eta, lk, le, ws, ss)
         ctx.cfg, ctx.tiles = cfg, (BT, BK, BV)
         if not mom:
@@ -102,21 +122,28 @@ class _LinearFn(torch.autograd.Function):
         BT, BK, BV = ctx.tiles
         G, L, DK = q.shape
         DV = v.shape[-1]
-        NT, NV = triton.cdiv(L, chunk), triton.cdiv(DV, BV)
+        NT = triton.cdiv(L, chunk)
         mom = eta is not None
         dy, dwe = dy.contiguous(), dwe.contiguous()
         dse = dse.contiguous() if mom else dwe
-        # dq, dk and the gate gradients sum over Dout tiles: one partial per tile
-        dq, dk = q.new_empty(NV, G, L, DK), q.new_empty(NV, G, L, DK)
-        dth, dlk = q.new_empty(NV, G, L), q.new_empty(NV, G, L)
-        dle = q.new_empty(NV, G, L) if mom else dlk
         dv, dw0 = torch.empty_like(v), q.new_empty(G, DK, DV)
         ds0 = q.new_empty(G, DK, DV) if mom else dw0
-        _lin_bwd_kernel[(NV, G)](
-            q, k, v, theta, lk, le if mom else lk, ws, ss, dy, dwe, dse,
-            dq, dk, dv, dth, dlk, dle, dw0, ds0, G, L, NT, chunk,
-            DK=DK, DV=DV, BT=BT, BK=BK, BV=BV, MOM=mom, PREC=prec, num_warps=8,
-        )  # fmt: skip
+
+        def launch(bv: int) -> None:
+            nonlocal dq, dk, dth, dlk, dle
+            # dq, dk and the gate gradients sum over Dout tiles: one partial per tile
+            nv = triton.cdiv(DV, bv)
+            dq, dk = q.new_empty(nv, G, L, DK), q.new_empty(nv, G, L, DK)
+            dth, dlk = q.new_empty(nv, G, L), q.new_empty(nv, G, L)
+            dle = q.new_empty(nv, G, L) if mom else dlk
+            _lin_bwd_kernel[(nv, G)](
+                q, k, v, theta, lk, le if mom else lk, ws, ss, dy, dwe, dse,
+                dq, dk, dv, dth, dlk, dle, dw0, ds0, G, L, NT, chunk,
+                DK=DK, DV=DV, BT=BT, BK=BK, BV=bv, MOM=mom, PREC=prec, num_warps=8, num_stages=1,
+            )  # fmt: skip
+
+        dq = dk = dth = dlk = dle = q
+        _shrinking(launch, BV)
         dalpha, deta = _gate_grads(alpha, eta, dlk.sum(0), dle.sum(0) if mom else None)
         return (
             None, dq.sum(0), dk.sum(0), dv, dth.sum(0), dalpha, deta, dw0, ds0 if mom else None
@@ -142,10 +169,15 @@ class _MLPFn(torch.autograd.Function):
             s1s[:, 0], s2s[:, 0] = s1, s2
         y = q.new_empty(G, L, DV)
         tiles = dict(BT=_pow2(chunk), BK=_pow2(DK), BN=_pow2(DN, block_n), BV=_pow2(DV))
-        _mlp_fwd_kernel[(G,)](
-            q, k, v, theta, lk, le if mom else lk, w1s, w2s, s1s, s2s, y, L, NT, chunk,
-            DK=DK, DN=DN, DV=DV, **tiles, MOM=mom, RESIDUAL=residual, PREC=prec, num_warps=8,
-        )  # fmt: skip
+
+        def launch(bn: int) -> None:
+            _mlp_fwd_kernel[(G,)](
+                q, k, v, theta, lk, le if mom else lk, w1s, w2s, s1s, s2s, y, L, NT, chunk,
+                DK=DK, DN=DN, DV=DV, **{**tiles, "BN": bn}, MOM=mom, RESIDUAL=residual,
+                PREC=prec, num_warps=8, num_stages=1,
+            )  # fmt: skip
+
+        tiles["BN"] = _shrinking(launch, tiles["BN"])
         ctx.save_for_backward(q, k, v, theta, alpha, eta, lk, le, w1s, w2s, s1s, s2s)
         ctx.cfg, ctx.tiles = cfg, tiles
         out = (y, w1s[:, NT].clone(), w2s[:, NT].clone())
@@ -169,12 +201,18 @@ class _MLPFn(torch.autograd.Function):
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         dth, dlk = torch.empty_like(theta), torch.empty_like(theta)
         dle = torch.empty_like(theta) if mom else dlk
-        _mlp_bwd_kernel[(G,)](
-            q, k, v, theta, lk, le if mom else lk, w1s, w2s, s1s, s2s, dy.contiguous(),
-            dw1, dw2, ds1, ds2, dq, dk, dv, dth, dlk, dle, L, NT, chunk,
-            DK=DK, DN=DN, DV=DV, **ctx.tiles, MOM=mom, RESIDUAL=residual, PREC=prec,
-            num_warps=8,
-        )  # fmt: skip
+        dy = dy.contiguous()
+
+        def launch(bn: int) -> None:
+            # the state-gradient slots were seeded above and a refused launch never ran
+            _mlp_bwd_kernel[(G,)](
+                q, k, v, theta, lk, le if mom else lk, w1s, w2s, s1s, s2s, dy,
+                dw1, dw2, ds1, ds2, dq, dk, dv, dth, dlk, dle, L, NT, chunk,
+                DK=DK, DN=DN, DV=DV, **{**ctx.tiles, "BN": bn}, MOM=mom, RESIDUAL=residual,
+                PREC=prec, num_warps=8, num_stages=1,
+            )  # fmt: skip
+
+        _shrinking(launch, ctx.tiles["BN"])
         dalpha, deta = _gate_grads(alpha, eta, dlk, dle if mom else None)
         slot = NT % 2
         ds = (ds1[:, slot], ds2[:, slot]) if mom else (None, None)

@@ -139,7 +139,7 @@ def _lin_fwd_kernel(
         b_k = tl.load(k + row[:, None] * DK + o_k[None, :], mask=m_tk, other=0.0)
         b_v = tl.load(v + row[:, None] * DV + o_v[None, :], mask=m_tv, other=0.0)
         co = _coefs(th + i_g * L + t0, lk + i_g * L + t0, le + i_g * L + t0, n_t, BT, MOM, PREC)
-        _, beta, _, _, _, _, cmat, cvec, w_end, h_end, beta_n, c_n, eps_n = co
+        _u1, beta, _u2, _u3, _u4, _u5, cmat, cvec, w_end, h_end, beta_n, c_n, eps_n = co
         b_d = 2.0 * (_mm(b_k, b_x, PREC) - b_v)  # l2 bias: δ = 2 (k W0 - v)
         b_gc = _mm(b_q, tl.trans(b_k), PREC) * cmat
         b_y = beta[:, None] * _mm(b_q, b_x, PREC) - _mm(b_gc, b_d, PREC)
@@ -260,7 +260,7 @@ def _mlp_delta2(
         m1, m2 = m_k[:, None] & m_n[None, :], m_n[:, None] & m_v[None, :]
         b_w1 = tl.load(w1p + o_k[:, None] * DN + o_n[None, :], mask=m1, other=0.0)
         b_w2 = tl.load(w2p + o_n[:, None] * DV + o_v[None, :], mask=m2, other=0.0)
-        b_a1, _ = _gelu_pair(_mm(b_k, b_w1, PREC))
+        b_a1, _u6 = _gelu_pair(_mm(b_k, b_w1, PREC))
         b_p += _mm(b_a1, b_w2, PREC)
     if RESIDUAL:
         b_p += b_k
@@ -289,7 +289,7 @@ def _mlp_fwd_kernel(
         b_k = tl.load(k + row[:, None] * DK + o_k[None, :], mask=m_tk, other=0.0)
         b_v = tl.load(v + row[:, None] * DV + o_v[None, :], mask=m_tv, other=0.0)
         co = _coefs(th + i_g * L + t0, lk + i_g * L + t0, le + i_g * L + t0, n_t, BT, MOM, PREC)
-        _, beta, _, _, _, _, cmat, cvec, w_end, h_end, beta_n, c_n, eps_n = co
+        _u7, beta, _u8, _u9, _u10, _u11, cmat, cvec, w_end, h_end, beta_n, c_n, eps_n = co
         c1, c2 = base1 + i_c * n1, base2 + i_c * n2  # this chunk's start state
 
         b_d2 = _mlp_delta2(b_k, b_v, w1s + c1, w2s + c2, DK, DN, DV, BT, BK, BN, BV, RESIDUAL, PREC)
@@ -313,7 +313,7 @@ def _mlp_fwd_kernel(
                 b_s1 = tl.load(s1s + c1 + p1, mask=m1, other=0.0)
                 b_s2 = tl.load(s2s + c2 + p2, mask=m2, other=0.0)
                 b_h += cvec[:, None] * _mm(b_q, b_s1, PREC)
-            b_ar, _ = _gelu_pair(b_h)
+            b_ar, _u12 = _gelu_pair(b_h)
             b_y += beta[:, None] * _mm(b_ar, b_w2, PREC)
             b_g2 += _mm(b_ar, tl.trans(b_a1), PREC)
             if MOM:
@@ -433,7 +433,7 @@ def _mlp_bwd_kernel(
                 b_q, b_k, b_do, b_d2, b_gc1, b_dg2, b_w1, b_w2, b_s1, b_s2, b_dw1, b_ds1,
                 beta, cvec, w_end, h_end, MOM, PREC,
             )  # fmt: skip
-            _, b_a1, b_g1p, _, b_d1, b_qw1, b_qs1, b_ar, b_dh, b_dd1, b_kdw1, b_kds1 = tile
+            _u13, b_a1, b_g1p, _u14, b_d1, b_qw1, b_qs1, b_ar, b_dh, b_dd1, b_kdw1, b_kds1 = tile
             b_a1dw2 = _mm(b_a1, b_dw2, PREC)
             b_g2 += _mm(b_ar, tl.trans(b_a1), PREC)
             b_hd += _mm(b_dh, tl.trans(b_d1), PREC)
@@ -484,7 +484,7 @@ def _mlp_bwd_kernel(
                 b_q, b_k, b_do, b_d2, b_gc1, b_dg2, b_w1, b_w2, b_s1, b_s2, b_dw1, b_ds1,
                 beta, cvec, w_end, h_end, MOM, PREC,
             )  # fmt: skip
-            b_z, b_a1, b_g1p, b_d1p, _, _, _, b_ar, b_dh, b_dd1, _, _ = tile
+            b_z, b_a1, b_g1p, b_d1p, _u15, _u16, _u17, b_ar, b_dh, b_dd1, _u18, _u19 = tile
             b_da1 = _mm(tl.trans(b_dg2), b_ar, PREC) + _mm(b_dp, tl.trans(b_w2), PREC)
             b_da1 -= w_end[:, None] * _mm(b_d2, tl.trans(b_dw2), PREC)
             if MOM:
