@@ -59,13 +59,18 @@ class _GeluGradMul(torch.autograd.Function):
     """t ⊙ gelu'(x) with gelu' = Φ + x φ, saving (t, x) rather than the gelu' tensor.
 
     Backward uses d gelu' / dx = φ (2 - x²): exact second derivative, needed because the inner
-    gradient is itself differentiated by the outer training step.
+    gradient is itself differentiated by the outer training step. Written with in-place ops
+    (no autograd inside a Function): per-op overhead dominates at small chunk widths.
     """
 
     @staticmethod
+    def _pdf_and_slope(x: Tensor) -> tuple[Tensor, Tensor]:
+        pdf = x.square().mul_(-0.5).exp_().mul_(_INV_SQRT_2PI)
+        return pdf, torch.special.ndtr(x).addcmul_(x, pdf)
+
+    @staticmethod
     def forward(t: Tensor, x: Tensor) -> Tensor:
-        cdf = 0.5 * (1.0 + torch.erf(x * _SQRT1_2))
-        return t * (cdf + x * torch.exp(-0.5 * x * x) * _INV_SQRT_2PI)
+        return t * _GeluGradMul._pdf_and_slope(x)[1]
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
@@ -74,9 +79,9 @@ class _GeluGradMul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:  # noqa: ANN001
         t, x = ctx.saved_tensors
-        cdf = 0.5 * (1.0 + torch.erf(x * _SQRT1_2))
-        pdf = torch.exp(-0.5 * x * x) * _INV_SQRT_2PI
-        return grad * (cdf + x * pdf), grad * t * pdf * (2.0 - x * x)
+        pdf, slope = _GeluGradMul._pdf_and_slope(x)
+        curv = pdf.mul_(x.square().neg_().add_(2.0))  # φ (2 - x²)
+        return grad * slope, curv.mul_(grad).mul_(t)
 
 
 def _segsum(x: Tensor) -> Tensor:
@@ -121,12 +126,13 @@ def _kl_retrieve(
     """
     p = torch.softmax(lam0, dim=-2)  # (G, Din, Dout)
     qp = qc @ p
-    bm1 = coef["beta"] - 1.0
+    bc = coef["bc"]  # (G, T, m, 1): [β_t, c_t]
+    bm1 = bc[..., 0, :] - 1.0
     t_part = bm1 * (qc @ (p * lam0))
     u_part = bm1 * (p * lam0).sum(dim=-2, keepdim=True)
     if s0 is not None:
-        t_part = t_part + coef["cs"] * (qc @ (p * s0))
-        u_part = u_part + coef["cs"] * (p * s0).sum(dim=-2, keepdim=True)
+        t_part = t_part + bc[..., 1, :] * (qc @ (p * s0))
+        u_part = u_part + bc[..., 1, :] * (p * s0).sum(dim=-2, keepdim=True)
     cmat = coef["C"]
     # qkp[t, i] = (q_t ⊙ k_i) P: (G, T, T, Dout); b² Din Dout work per chunk, depth-1 only.
     qkp = (qc.unsqueeze(-2) * kc.unsqueeze(-3)) @ p.unsqueeze(-3)
@@ -138,114 +144,179 @@ def _kl_retrieve(
 def _coefficients(
     theta: Tensor, alpha: Tensor, eta: Tensor | None, num: int, size: int, last: int
 ) -> dict[str, Tensor]:
-    """Decay / momentum coefficients of every chunk at once, (n, G, T, ...) with G = B H."""
+    """Decay / momentum coefficients of every chunk at once, (n, G, T, ...) with G = B H.
+
+    With m = 2 state blocks [X; S] (momentum) or m = 1 [X]: `mix` (n, G, m, m) maps the
+    chunk-start blocks to the end-of-chunk ones before the writes ([[β, c], [0, ε]] at the last
+    token), `wh` (n, G, T, m, 1) weighs token i's outer product in each block (C[last, i],
+    E[last, i] θ_i), `bc` (n, G, T, m, 1) weighs the blocks when token t reads ([β_t, c_t]).
+    """
     th = _to_chunks(theta, num, size, 0.0)
     log_keep = _to_chunks(torch.log1p(-alpha.clamp(max=_ALPHA_MAX)), num, size, 0.0)
     amat = torch.exp(_segsum(log_keep))  # A[t, s] = β_t / β_s
     beta = torch.exp(log_keep.cumsum(dim=-1))
-    co = {"beta": beta.unsqueeze(-1), "beta_end": _end_rows(beta, last)[..., None, None]}
+    beta_end = _end_rows(beta, last)
     if eta is None:
         cmat = amat * th.unsqueeze(-2)
-    else:
-        log_eta = _to_chunks(torch.log(eta.clamp(min=_ETA_MIN)), num, size, 0.0)
-        emat = torch.exp(_segsum(log_eta))  # E[s, i] = ε_s / ε_i
-        ev = torch.exp(log_eta.cumsum(dim=-1))
-        cmat = (amat @ emat) * th.unsqueeze(-2)
-        cs = (amat @ ev.unsqueeze(-1)).squeeze(-1)
-        co["cs"] = cs.unsqueeze(-1)
-        co["cs_end"] = _end_rows(cs, last)[..., None, None]
-        co["ev_end"] = _end_rows(ev, last)[..., None, None]
-        co["hs_end"] = (_end_rows(emat, last) * th).unsqueeze(-1)
-    co["C"] = cmat
-    co["wc_end"] = _end_rows(cmat, last).unsqueeze(-1)
-    return co
+        return {
+            "C": cmat,
+            "bc": beta[..., None, None],
+            "mix": beta_end[..., None, None],
+            "wh": _end_rows(cmat, last)[..., None, None],
+        }
+    log_eta = _to_chunks(torch.log(eta.clamp(min=_ETA_MIN)), num, size, 0.0)
+    emat = torch.exp(_segsum(log_eta))  # E[s, i] = ε_s / ε_i
+    ev = torch.exp(log_eta.cumsum(dim=-1))
+    cmat = (amat @ emat) * th.unsqueeze(-2)
+    cs = (amat @ ev.unsqueeze(-1)).squeeze(-1)
+    zero = torch.zeros_like(beta_end)
+    mix = torch.stack([beta_end, _end_rows(cs, last), zero, _end_rows(ev, last)], dim=-1)
+    wh = torch.stack([_end_rows(cmat, last), _end_rows(emat, last) * th], dim=-1)
+    return {
+        "C": cmat,
+        "bc": torch.stack([beta, cs], dim=-1).unsqueeze(-1),
+        "mix": mix.unflatten(-1, (2, 2)),
+        "wh": wh.unsqueeze(-1),
+    }
 
 
-def _chunk_step(
-    xs: list[Tensor],
-    ss: list[Tensor] | None,
-    qc: Tensor,
+def _blocks(st: Tensor, m: int) -> tuple[Tensor, Tensor | None]:
+    """(…, m d_in, d_out) state -> the X block and the S block (None without momentum)."""
+    d_in = st.shape[-2] // m
+    return st[..., :d_in, :], (st[..., d_in:, :] if m == 2 else None)
+
+
+def _scale_rows(w: Tensor, z: Tensor) -> Tensor:
+    """(…, T, m, 1) weights ⊙ z (…, T, d) -> (…, T, m d): z scaled once per state block."""
+    if w.shape[-2] == 1:
+        return w[..., 0, :] * z
+    return (w * z.unsqueeze(-2)).flatten(-2)
+
+
+def _write(
+    sts: list[Tensor],
     kc: Tensor,
-    vc: Tensor,
+    rv: Tensor,
     dc: Tensor | None,
     co: dict[str, Tensor],
     rule: MemoryRule,
-) -> tuple[Tensor, list[Tensor], list[Tensor] | None]:
-    """One chunk: gradients at the chunk-start weights, retrieval, end-of-chunk state.
+    m: int,
+) -> tuple[list[Tensor], list[Tensor], list[Tensor] | None, list[Tensor]]:
+    """One chunk's write: gradients at the chunk-start weights and the end-of-chunk state.
 
-    Tensors are (G, T, ...) and states (G, d_in, d_out); returns y (G, T, Dout) and the state.
+    The only sequential work (the next chunk's gradients need this chunk's end state). States
+    are (G, m d_in, d_out) = [X; S] stacked, so the two blocks move in one op: the end state is
+    mix @ [X; S] - [(wc ⊙ Z)ᵀ; (hs ⊙ Z)ᵀ] Δ. rv = (k if residual) - v, so the residual of the
+    MLP's answer comes out of one baddbmm. For the l2 bias the factor 2 of g = 2 r is folded
+    into theta (memory_chunked), so Δ = r here. Returns the read's inputs and the new state.
     """
-    depth = len(xs)
-    residual = rule.residual and depth >= 2
+    depth = len(sts)
+    xs = [_blocks(st, m)[0] for st in sts]
     norms = [lq_norm_factor(x, rule) for x in xs] if rule.retention == "lq" else None
     w0 = [x / n for x, n in zip(xs, norms)] if norms else effective_weights(xs, rule)
 
     # Keys through the MLP at the chunk-start weights, then the analytic backward:
     # layer i's gradient for token j is the outer product zs[i][j] ⊗ deltas[i][j].
     zs, pres, h = [kc], [], kc
-    for i, w in enumerate(w0):
-        h = torch.bmm(h, w)
-        if i < depth - 1:
-            pres.append(h)
-            h = F.gelu(h)
-            zs.append(h)
-    if residual:
-        h = h + kc
-    dlt = output_grad(h - vc, rule, dc)
+    for i in range(depth - 1):
+        pres.append(torch.bmm(h, w0[i]))
+        h = F.gelu(pres[-1])
+        zs.append(h)
+    r = torch.baddbmm(rv, h, w0[-1])
+    dlt = r if rule.attn_bias == "l2" else output_grad(r, rule, dc)
     deltas = [dlt] * depth
     for i in range(depth - 1, 0, -1):
         dlt = _GeluGradMul.apply(torch.bmm(dlt, w0[i].mT), pres[i - 1])
         deltas[i - 1] = dlt
 
-    # Retrieval: token t reads with its own post-write weights, layer by layer (dual form).
-    if rule.retention == "kl":
-        s0 = None if ss is None else ss[0]
-        a = _kl_retrieve(qc, kc, deltas[0], xs[0], s0, co, rule.simplex_scale)
-    else:
-        a = qc
-        for i in range(depth):
-            if i == 0:  # operands built for all chunks up front (see memory_chunked)
-                h = torch.bmm(co["q_beta"], xs[0])
-                if ss is not None:
-                    h = torch.baddbmm(h, co["q_cs"], ss[0])
-                h = torch.baddbmm(h, co["att1"], deltas[0], alpha=-1.0)
-            else:
-                h = co["beta"] * torch.bmm(a, xs[i])
-                if ss is not None:
-                    h = torch.addcmul(h, co["cs"], torch.bmm(a, ss[i]))
-                att = torch.bmm(a, zs[i].mT) * co["C"]
-                h = torch.baddbmm(h, att, deltas[i], alpha=-1.0)
-            if norms:
-                h = h / norms[i]
-            a = F.gelu(h) if i < depth - 1 else h
-        if residual:
-            a = a + qc
+    new = []
+    for i, st in enumerate(sts):
+        if m == 1:
+            base = co["mix"] * st
+        else:
+            base = torch.bmm(co["mix"], st.unflatten(-2, (m, -1)).flatten(-2)).view_as(st)
+        zw = _scale_rows(co["wh"], zs[i])
+        new.append(torch.baddbmm(base, zw.mT, deltas[i], alpha=-1.0))
+    return zs, deltas, norms, new
 
-    # State after the chunk's last token: X = β X0 + c S0 - Zᵀ diag(C_last) Δ (same for S).
-    new_x, new_s = [], None if ss is None else []
+
+def _read(
+    sts: list[Tensor],
+    qc: Tensor,
+    kc: Tensor,
+    zs: list[Tensor],
+    deltas: list[Tensor],
+    norms: list[Tensor] | None,
+    co: dict[str, Tensor],
+    rule: MemoryRule,
+    m: int,
+) -> Tensor:
+    """Retrieval: token t reads with its own post-write weights, layer by layer (dual form):
+
+        a_t X_t = β_t (a_t X0) + c_t (a_t S0) - Σ_i C[t, i] (a_t · z_i) δ_i
+                = ([β_t a_t, c_t a_t] @ [X0; S0]) - ((a Zᵀ) ⊙ C) Δ.
+
+    Needs only the chunk-start states and the write's zs / deltas, so it runs batched over
+    many chunks at once (the batch dim is chunks x G): large matmuls instead of a loop.
+    """
+    depth = len(sts)
+    if rule.retention == "kl":
+        x0, s0 = _blocks(sts[0], m)
+        return _kl_retrieve(qc, kc, deltas[0], x0, s0, co, rule.simplex_scale)
+    a = qc
     for i in range(depth):
-        # Scale whichever side of the outer product is narrower (layer 1: keys, pre-scaled).
-        z_w = co["k_wc"] if i == 0 else zs[i]
-        d_w = deltas[i] if i == 0 else co["wc_end"] * deltas[i]
-        base = co["beta_end"] * xs[i]
-        if ss is not None:
-            base = torch.addcmul(base, co["cs_end"], ss[i])
-            z_h = co["k_hs"] if i == 0 else zs[i]
-            d_h = deltas[i] if i == 0 else co["hs_end"] * deltas[i]
-            new_s.append(torch.baddbmm(co["ev_end"] * ss[i], z_h.mT, d_h, alpha=-1.0))
-        new_x.append(torch.baddbmm(base, z_w.mT, d_w, alpha=-1.0))
-    return a, new_x, new_s
+        if i == 0:  # operands built for all chunks up front (see memory_chunked)
+            h = torch.baddbmm(torch.bmm(co["q_bc"], sts[0]), co["att1"], deltas[0], alpha=-1.0)
+        else:
+            att = torch.bmm(a, zs[i].mT) * co["C"]
+            h = torch.baddbmm(torch.bmm(_scale_rows(co["bc"], a), sts[i]), att, deltas[i],
+                              alpha=-1.0)  # fmt: skip
+        if norms:
+            h = h / norms[i]
+        a = F.gelu(h) if i < depth - 1 else h
+    if rule.residual and depth >= 2:
+        a = a + qc
+    return a
+
+
+_WRITE_KEYS = ("mix", "wh", "rv")
 
 
 def _run_chunks(
-    xs: list[Tensor], ss: list[Tensor] | None, chunks: list[tuple], rule: MemoryRule
-) -> tuple[list[Tensor], list[Tensor], list[Tensor] | None]:
-    """Walk consecutive chunks in order (the unit a checkpoint recomputes)."""
-    ys = []
-    for qc, kc, vc, dc, co in chunks:
-        y, xs, ss = _chunk_step(xs, ss, qc, kc, vc, dc, co, rule)
-        ys.append(y)
-    return ys, xs, ss
+    sts: list[Tensor],
+    qs: Tensor,
+    ks: Tensor,
+    dn: Tensor | None,
+    co: dict[str, Tensor],
+    rule: MemoryRule,
+    m: int,
+) -> tuple[Tensor, list[Tensor]]:
+    """Consecutive chunks (n, G, T, ...) (the unit a checkpoint recomputes): the writes walk
+    the chunks in order, then one batched read over all of them. Returns y (n, G, T, Dout)."""
+    num, groups = ks.shape[:2]
+    wco = {key: co[key].unbind(0) for key in _WRITE_KEYS}
+    starts, saved = [], []
+    for c in range(num):
+        per = {key: vals[c] for key, vals in wco.items()}
+        dc = None if dn is None else dn[c]
+        zs, deltas, norms, new = _write(sts, ks[c], per.pop("rv"), dc, per, rule, m)
+        starts.append(sts)
+        saved.append((zs, deltas, norms))
+        sts = new
+    depth = len(sts)
+
+    def stack(items: list[Tensor]) -> Tensor:  # n x (G, ...) -> (n G, ...)
+        return torch.stack(items).flatten(0, 1)
+
+    st_all = [stack([st[i] for st in starts]) for i in range(depth)]
+    z_all = [stack([sv[0][i] for sv in saved]) for i in range(depth)]
+    d_all = [stack([sv[1][i] for sv in saved]) for i in range(depth)]
+    n_all = None
+    if saved[0][2] is not None:
+        n_all = [stack([sv[2][i] for sv in saved]) for i in range(depth)]
+    rco = {key: val.flatten(0, 1) for key, val in co.items() if key not in _WRITE_KEYS}
+    y = _read(st_all, qs.flatten(0, 1), ks.flatten(0, 1), z_all, d_all, n_all, rco, rule, m)
+    return y.unflatten(0, (num, groups)), sts
 
 
 def memory_chunked(
@@ -278,33 +349,30 @@ def memory_chunked(
     num = -(-length // size)
     last = (length - 1) % size
     st = init_state(state.weights, state.momentum, bsz, eta is not None)
+    m = 1 if st.momentum is None else 2
 
     def flat(t: Tensor) -> Tensor:  # (B, H, ...) -> (G, ...)
         return t.float().reshape(groups, *t.shape[2:])
 
-    xs = [flat(x) for x in st.weights]
-    ss = None if st.momentum is None else [flat(s) for s in st.momentum]
+    # Per layer one (G, m d_in, d_out) state: [X; S] stacked along rows (see _write).
+    sts = [flat(x) for x in st.weights]
+    if m == 2:
+        sts = [torch.cat([x, flat(s)], dim=-2) for x, s in zip(sts, st.momentum)]
     # Padded tokens get theta = 0, alpha = 0, eta = 1: they never touch rows <= last.
     qs, ks = _to_chunks(flat(q), num, size, 0.0), _to_chunks(flat(k), num, size, 0.0)
     vs = _to_chunks(flat(v), num, size, 0.0)
-    co = _coefficients(
-        flat(theta), flat(alpha), None if eta is None else flat(eta), num, size, last
-    )
-    # Layer 1's update and retrieval operands need no weights: build them for all chunks.
-    co["k_wc"] = co["wc_end"] * ks
-    if ss is not None:
-        co["k_hs"] = co["hs_end"] * ks
+    # l2 bias: g = 2 r, and every coefficient that multiplies g is linear in theta.
+    th = flat(theta) * 2.0 if rule.attn_bias == "l2" else flat(theta)
+    co = _coefficients(th, flat(alpha), None if eta is None else flat(eta), num, size, last)
+    co["rv"] = ks - vs if rule.residual and len(sts) >= 2 else -vs
     if rule.retention != "kl":
-        co["q_beta"] = co["beta"] * qs
+        # Layer 1's read operands need no weights: build them for all chunks.
+        co["q_bc"] = _scale_rows(co["bc"], qs)
         co["att1"] = (qs @ ks.mT) * co["C"]
-        if ss is not None:
-            co["q_cs"] = co["cs"] * qs
-    dn = [None] * num
+    dn = None
     if huber_delta is not None:
-        dn = _to_chunks(flat(huber_delta), num, size, 1.0).unbind(0)
-    per_chunk = [dict(zip(co, vals)) for vals in zip(*(c.unbind(0) for c in co.values()))]
+        dn = _to_chunks(flat(huber_delta), num, size, 1.0)
 
-    chunks = list(zip(qs.unbind(0), ks.unbind(0), vs.unbind(0), dn, per_chunk))
     # Checkpointing runs groups of ~sqrt(n) chunks: backward keeps ~sqrt(n) boundary states
     # and recomputes one group at a time, so activation memory grows like sqrt(L).
     use_ckpt = checkpoint and torch.is_grad_enabled()
@@ -314,12 +382,17 @@ def memory_chunked(
         run = partial(torch.utils.checkpoint.checkpoint, _run_chunks, use_reentrant=False)
     ys = []
     for start in range(0, num, group):
-        y_group, xs, ss = run(xs, ss, chunks[start : start + group], rule)
-        ys.extend(y_group)
+        part = slice(start, start + group)
+        dn_part = None if dn is None else dn[part]
+        co_part = {key: val[part] for key, val in co.items()}
+        y_group, sts = run(sts, qs[part], ks[part], dn_part, co_part, rule, m)
+        ys.append(y_group)
 
-    y = torch.cat(ys, dim=1)[:, :length].reshape(bsz, heads, length, -1).to(q.dtype)
+    y = torch.cat(ys, dim=0).movedim(0, 1).flatten(1, 2)  # (n, G, T, D) -> (G, n T, D)
+    y = y[:, :length].reshape(bsz, heads, length, -1).to(q.dtype)
     # The state is carried across pieces and checkpoint boundaries: copy it out so it does not
     # keep the per-chunk tensors it was sliced from alive (O(L) memory at 2M tokens).
     unflat = lambda t: t.reshape(bsz, heads, *t.shape[1:]).clone()
-    mom = None if ss is None else tuple(unflat(s) for s in ss)
-    return y, MemoryState(tuple(unflat(x) for x in xs), mom)
+    blocks = [_blocks(st, m) for st in sts]
+    mom = None if m == 1 else tuple(unflat(b[1]) for b in blocks)
+    return y, MemoryState(tuple(unflat(b[0]) for b in blocks), mom)
