@@ -14,9 +14,9 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-timeout 120 python3 -m pytest -m gpu -q -p no:cacheprovider tests/unit/test_memory_triton_gpu.py \
+timeout 100 python3 -m pytest -m gpu -q -p no:cacheprovider tests/unit/test_memory_triton_gpu.py \
   tests/unit/test_retention_triton_gpu.py tests/unit/test_attention.py 2>&1 | tee "$out/gpu_tests.log"
-timeout 130 python3 benchmarks/kernels_gpu.py --T 4096,16384 --iters 5 2>&1 \
-  | tee "$out/kernels_gpu.log"
 timeout 150 python3 benchmarks/memory_vs_titans_pytorch.py --device cuda --dtype bf16 \
   --impls ours,ours-triton,titans-bs64,titans --lengths 2k,8k,32k 2>&1 | tee "$out/memory_gpu.log"
+timeout 120 python3 benchmarks/kernels_gpu.py --T 4096,16384 --iters 5 2>&1 \
+  | tee "$out/kernels_gpu.log"
