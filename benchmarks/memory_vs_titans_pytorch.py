@@ -73,68 +73,76 @@ def build(impl: str) -> torch.nn.Module:
     )
 
 
-def worker(impl: str, length: int, repeats: int, threads: int) -> dict:
-    """Runs in its own process: one warm-up step, then `repeats` timed fwd+bwd steps."""
+def measured_peaks(threads: int) -> dict[str, float]:
+    """fp32 matmul GFLOP/s this machine gives now: one large GEMM and the 64-wide batched
+    shapes the memory op is made of, best of 5 (the ceiling for our GFLOP/s figures)."""
     torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    rss_idle = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    mod = build(impl)
-    x = torch.randn(1, length, DIM)
+    out = {}
+    for name, (b, m, k, n) in {
+        "2048^3 GEMM": (1, 2048, 2048, 2048),
+        "bmm 128 x (64x64 @ 64x256)": (128, 64, 64, 256),
+    }.items():
+        x, y = torch.randn(b, m, k), torch.randn(b, k, n)
+        torch.bmm(x, y)
+        best = float("inf")
+        for _ in range(5):
+            t0 = time.perf_counter()
+            torch.bmm(x, y)
+            best = min(best, time.perf_counter() - t0)
+        out[name] = round(2 * b * m * k * n / best / 1e9, 1)
+    return out
+
+
+def _timed_steps(mod: torch.nn.Module, x: torch.Tensor, repeats: int) -> list[float]:
+    """One warm-up fwd+bwd (Triton compiles here), then `repeats` timed ones (seconds)."""
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
 
     def step() -> None:
         mod.zero_grad(set_to_none=True)
-        y = mod(x)[0]
-        y.square().mean().backward()
+        mod(x)[0].float().square().mean().backward()
 
     step()
+    sync()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         step()
+        sync()
         times.append(time.perf_counter() - t0)
+    return times
+
+
+def _result(impl: str, length: int, times: list[float], peak_mb: float, idle_mb: float) -> dict:
     return {
         "impl": impl,
         "length": length,
         "best_s": min(times),
         "median_s": statistics.median(times),
         "tok_s": length / min(times),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "idle_rss_mb": rss_idle,
+        "peak_rss_mb": peak_mb,
+        "idle_rss_mb": idle_mb,
     }
 
 
+def worker(impl: str, length: int, repeats: int, threads: int) -> dict:
+    """Runs in its own process, so ru_maxrss is this configuration's peak alone."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    rss_idle = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    times = _timed_steps(build(impl), torch.randn(1, length, DIM), repeats)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return _result(impl, length, times, peak, rss_idle)
+
+
 def worker_cuda(impl: str, length: int, repeats: int, dtype: str) -> dict:
-    """GPU variant, in-process: warm-up (Triton compiles here), then timed fwd+bwd steps."""
+    """GPU variant, in-process; peak is max_memory_allocated, reset before the module."""
     torch.manual_seed(0)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     dt = torch.bfloat16 if dtype == "bf16" else torch.float32
     mod = build(impl).to(device="cuda", dtype=dt)
-    x = torch.randn(1, length, DIM, device="cuda", dtype=dt)
-
-    def step() -> None:
-        mod.zero_grad(set_to_none=True)
-        y = mod(x)[0]
-        y.float().square().mean().backward()
-
-    step()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated() / 2**20
-    return {
-        "impl": impl,
-        "length": length,
-        "best_s": min(times),
-        "median_s": statistics.median(times),
-        "tok_s": length / min(times),
-        "peak_rss_mb": peak,
-        "idle_rss_mb": 0.0,
-    }
+    times = _timed_steps(mod, torch.randn(1, length, DIM, device="cuda", dtype=dt), repeats)
+    return _result(impl, length, times, torch.cuda.max_memory_allocated() / 2**20, 0.0)
 
 
 def run_cuda(impl: str, length: int, repeats: int, dtype: str) -> dict:
@@ -294,7 +302,8 @@ def main() -> None:
             f"{', '.join(rates)}"
         )
     if not cuda:
-        print(f"CPU reference peaks (GFLOP/s): {PEAK_GFLOPS}")
+        print(f"CPU reference peaks (GFLOP/s), from the brief: {PEAK_GFLOPS}")
+        print(f"measured now, fp32 {a.threads} threads (GFLOP/s): {measured_peaks(a.threads)}")
     print(f"load avg at end {os.getloadavg()[0]:.1f}")
 
 
