@@ -25,13 +25,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from models.layers.attention import attention
 from models.layers.loss import chunked_lm_loss
 from models.layers.mlp import SwiGLU, swiglu_hidden
 from models.layers.norms import RMSNorm
 from models.layers.rotary import apply_rope, rope_angles
+from models.layers.segment_scan import checkpointed_scan
 from models.ops.memory import MemoryRule, MemoryState, neural_memory
 from models.ops.memory import retrieve as memory_retrieve
 from models.outputs import SeqOutput
@@ -52,6 +52,15 @@ class NeuralMemoryState:
     def detach(self) -> NeuralMemoryState:
         """Cut the graph between pieces (truncated BPTT)."""
         return NeuralMemoryState(self.memory.detach(), self.conv.detach())
+
+    def tensors(self) -> list[Tensor]:
+        """Flat list: weights, momentum (if any), conv cache (for `checkpointed_scan`)."""
+        return [*self.memory.weights, *(self.memory.momentum or ()), self.conv]
+
+    @staticmethod
+    def from_tensors(ts: list[Tensor], depth: int) -> NeuralMemoryState:
+        mom = tuple(ts[depth:-1]) or None
+        return NeuralMemoryState(MemoryState(tuple(ts[:depth]), mom), ts[-1])
 
 
 class NeuralMemory(nn.Module):
@@ -397,7 +406,9 @@ class TitansBlock(nn.Module):
         self.ffn = SwiGLU(cfg.dim, cfg.ffn_hidden or swiglu_hidden(cfg.dim))
 
     def forward(self, x: Tensor, st: dict) -> tuple[Tensor, dict]:
-        v = self.variant
+        # A new dict: activation checkpointing reruns forward with the same `st` in backward,
+        # so writing into it would recompute from the state after the piece.
+        st, v = dict(st), self.variant
         if v == "lmm":
             m, st["mem"] = self._memory(self.mem_norm(x), st.get("mem"))
             x = x + m
@@ -429,11 +440,24 @@ class TitansBlock(nn.Module):
         n = self.cfg.mem_checkpoint
         if not self._checkpointing() or u.shape[1] <= n:
             return self.memory(u, mem)
-        outs = []
-        for s in range(0, u.shape[1], n):
-            y, mem = checkpoint(self.memory, u[:, s : s + n], mem, use_reentrant=False)
-            outs.append(y)
-        return torch.cat(outs, dim=1), mem
+        return self._scan(self.memory, u, mem, n, self.memory)
+
+    def _scan(
+        self, fn: Callable, x: Tensor, mem: NeuralMemoryState | None, seg: int, owner: nn.Module
+    ):
+        """fn(x_j, state) over segments, each recomputed alone in backward (segment_scan.py):
+        backward keeps x and one memory state per segment, and no forward graph. `owner`:
+        the module whose parameters fn reads."""
+        depth = len(self.memory.memory_init)
+
+        def step(x_j: Tensor, ts: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+            y, st = fn(x_j, NeuralMemoryState.from_tensors(ts, depth))
+            return y, st.tensors()
+
+        mem = mem or self.memory.initial_state(x.shape[0])
+        params = [p for p in owner.parameters() if p.requires_grad]
+        y, ts = checkpointed_scan(step, x, mem.tensors(), params, seg)
+        return y, NeuralMemoryState.from_tensors(ts, depth)
 
     def _mac_segment(self, x_seg: Tensor, mem: NeuralMemoryState | None):
         u = self.mem_norm(x_seg)
@@ -447,12 +471,11 @@ class TitansBlock(nn.Module):
         """Segments in order: read memory (state before the segment), attend over
         [P || read || segment], write the attention output, gate with the memory's answer."""
         seg = self.cfg.segment_len
+        if self._checkpointing():
+            return self._scan(self._mac_segment, x, mem, seg, self)
         outs = []
         for s in range(0, x.shape[1], seg):
-            if self._checkpointing():
-                o, mem = checkpoint(self._mac_segment, x[:, s : s + seg], mem, use_reentrant=False)
-            else:
-                o, mem = self._mac_segment(x[:, s : s + seg], mem)
+            o, mem = self._mac_segment(x[:, s : s + seg], mem)
             outs.append(o)
         return torch.cat(outs, dim=1), mem
 
@@ -487,14 +510,13 @@ class Titans(nn.Module):
     ) -> SeqOutput:
         x = self.embed(tokens)
         states = [dict(s) for s in state] if state is not None else [{} for _ in self.layers]
-        for layer, st in zip(self.layers, states):
-            x, _ = layer(x, st)
-        h = self.norm(x)
+        for i, layer in enumerate(self.layers):
+            x, states[i] = layer(x, states[i])
         if targets is not None:
-            chunk = self.cfg.loss_chunk or h.shape[1]
-            loss = chunked_lm_loss(h, self.head.weight, targets, loss_mask, chunk)
+            chunk = self.cfg.loss_chunk or x.shape[1]
+            loss = chunked_lm_loss(x, self.head.weight, targets, loss_mask, chunk, self.norm)
             return SeqOutput(None, states, loss=loss)
-        return SeqOutput(self.head(h), states)
+        return SeqOutput(self.head(self.norm(x)), states)
 
     def flops_per_token(self, seq_len: int) -> float:
         """6 N (matmul params) + attention over the window / segment + the memory's own work
