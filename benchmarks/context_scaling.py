@@ -57,12 +57,17 @@ def main() -> None:
     ap.add_argument("--model", default="titans-mac-tiny")
     ap.add_argument("--lengths", default="16k,64k,256k,1m,2m")
     ap.add_argument("--segment", type=int, default=512, help="MAC segment / checkpoint length")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     margs = {"mem_checkpoint": a.segment, "loss_chunk": 16384}
     if "mac" in a.model:
         margs["segment_len"] = a.segment
     if a.child:
+        import torch
+
+        if a.threads:
+            torch.set_num_threads(a.threads)
         print(json.dumps(one_step(a.model, int(a.child), margs)))
         return
     rows = []
@@ -75,6 +80,8 @@ def main() -> None:
                 a.model,
                 "--segment",
                 str(a.segment),
+                "--threads",
+                str(a.threads),
                 "--child",
                 str(n),
             ],
