@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 DIM, HEADS, HEAD_DIM, CHUNK, DEPTH, EXPANSION = 256, 4, 64, 64, 2, 4
 IMPLS = ("ours", "ours-ckpt", "ours-triton", "titans-bs64", "titans")
-DEFAULT_IMPLS = ("ours", "ours-ckpt", "ours-triton", "titans-bs64", "titans")
+DEFAULT_IMPLS = ("ours", "ours-ckpt", "titans-bs64", "titans")  # + ours-triton with --device cuda
 PEAK_GFLOPS = {"fp32 2 threads": 300, "64-wide batched matmul": 80}  # from the brief
 
 
@@ -184,7 +184,7 @@ def parse_lengths(text: str) -> list[int]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lengths", default="2k,8k,32k", help="comma list, e.g. 2k,8k,32k or 4096")
-    ap.add_argument("--impls", default=",".join(DEFAULT_IMPLS), help=f"subset of {IMPLS}")
+    ap.add_argument("--impls", default=None, help=f"subset of {IMPLS}")
     ap.add_argument("--repeats", type=int, default=3, help="timed steps per config (best kept)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -209,7 +209,8 @@ def main() -> None:
         print(json.dumps({"flops": count_flops(impl, int(length))}))
         return
 
-    lengths, impls = parse_lengths(a.lengths), a.impls.split(",")
+    default = (*DEFAULT_IMPLS, "ours-triton") if a.device == "cuda" else DEFAULT_IMPLS
+    lengths, impls = parse_lengths(a.lengths), (a.impls or ",".join(default)).split(",")
     bad = sorted(set(impls) - set(IMPLS))
     if bad:
         raise SystemExit(f"unknown --impls {bad}; choose from {IMPLS}")

@@ -4,8 +4,8 @@
     ray job submit --working-dir . -- python launch/titans_2m.py --preset full --address auto
 
 `full`: sequences of 2,097,152 tokens, bf16, FSDP2 over 8 x 80 GB GPUs (one sequence per GPU),
-activation checkpointing per block, the memory checkpointed per MAC segment, the loss in
-16K-position chunks.
+activation checkpointing per block, each MAC block a checkpointed scan over its segments (one
+segment recomputed at a time in backward), the final norm and the loss in 16K-position chunks.
 
 Memory budget of one GPU for `full` (titans-mac-170m: d = 768, 10 layers, 12 heads of 64,
 depth-2 memory with hidden 256, segment 512, chunk 64; L = 2,097,152; bf16 activations):
@@ -13,10 +13,12 @@ depth-2 memory with hidden 256, segment 512, chunk 64; L = 2,097,152; bf16 activ
     one unsharded bf16 block at a time: 13M x 2 B = 26 MB.
   - block-level activation checkpointing keeps each block's input: L x d x 2 B = 3.0 GiB per
     layer x 10 layers = 30 GiB.
-  - recomputing one block in backward, the MAC loop is itself checkpointed per segment, so it
-    keeps the memory state at every segment boundary: 12 heads x 2 matrices x 64 x 256 x 4 B
-    = 1.5 MiB, x 2 with momentum = 3 MiB, x 4,096 segments = 12 GiB; the working set of one
-    segment (512 tokens) is a few MB; the block's output and its gradient: 2 x 3 GiB = 6 GiB.
+  - a MAC block is a checkpointed scan over segments (models/layers/segment_scan.py): it builds
+    no graph in forward and keeps the memory state at every segment boundary: 12 heads x 2
+    matrices x 64 x 256 x 4 B = 1.5 MiB, x 2 with momentum = 3 MiB, x 4,096 segments = 12 GiB;
+    backward recomputes one segment (512 tokens, a few MB) at a time; the block's output and
+    its gradient: 2 x 3 GiB = 6 GiB. (Measured on CPU, titans-mac-tiny, fp32, d = 64: ~2.5 KB
+    per token in all, linear in L; benchmarks/context_scaling.py.)
   - chunked cross-entropy: 16,384 positions x 32,000 vocab x 4 B = 2 GiB at a time, instead of
     L x 32,000 x 2 B = 128 GiB of logits.
   Total ~ 30 + 12 + 6 + 2 + 0.4 = ~51 GiB of 80 GB, leaving room for the allocator and NCCL.

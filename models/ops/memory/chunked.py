@@ -282,6 +282,11 @@ def _read(
 _WRITE_KEYS = ("mix", "wh", "rv")
 
 
+# Chunks per batched read: enough to make the read's matmuls large, few enough that their
+# operands (stacked states, zs, deltas) stay in cache and are not copied for the whole length.
+READ_GROUP = 16
+
+
 def _run_chunks(
     sts: list[Tensor],
     qs: Tensor,
@@ -292,31 +297,42 @@ def _run_chunks(
     m: int,
 ) -> tuple[Tensor, list[Tensor]]:
     """Consecutive chunks (n, G, T, ...) (the unit a checkpoint recomputes): the writes walk
-    the chunks in order, then one batched read over all of them. Returns y (n, G, T, Dout)."""
+    the chunks in order; every READ_GROUP chunks one batched read serves them all. Returns
+    y (n, G, T, Dout) and the state after the last chunk."""
     num, groups = ks.shape[:2]
+    # unbind, not indexing: one backward node instead of a full-size zero gradient per chunk
     wco = {key: co[key].unbind(0) for key in _WRITE_KEYS}
-    starts, saved = [], []
-    for c in range(num):
-        per = {key: vals[c] for key, vals in wco.items()}
-        dc = None if dn is None else dn[c]
-        zs, deltas, norms, new = _write(sts, ks[c], per.pop("rv"), dc, per, rule, m)
-        starts.append(sts)
-        saved.append((zs, deltas, norms))
-        sts = new
+    k_u = ks.unbind(0)
+    d_u = [None] * num if dn is None else dn.unbind(0)
     depth = len(sts)
 
-    def stack(items: list[Tensor]) -> Tensor:  # n x (G, ...) -> (n G, ...)
+    def stack(items: list[Tensor]) -> Tensor:  # r x (G, ...) -> (r G, ...)
         return torch.stack(items).flatten(0, 1)
 
-    st_all = [stack([st[i] for st in starts]) for i in range(depth)]
-    z_all = [stack([sv[0][i] for sv in saved]) for i in range(depth)]
-    d_all = [stack([sv[1][i] for sv in saved]) for i in range(depth)]
-    n_all = None
-    if saved[0][2] is not None:
-        n_all = [stack([sv[2][i] for sv in saved]) for i in range(depth)]
-    rco = {key: val.flatten(0, 1) for key, val in co.items() if key not in _WRITE_KEYS}
-    y = _read(st_all, qs.flatten(0, 1), ks.flatten(0, 1), z_all, d_all, n_all, rco, rule, m)
-    return y.unflatten(0, (num, groups)), sts
+    # split, not slices: a slice's backward writes a zero tensor of the full length each time
+    rkeys = [key for key in co if key not in _WRITE_KEYS]
+    rparts = zip(
+        qs.split(READ_GROUP), ks.split(READ_GROUP), *(co[key].split(READ_GROUP) for key in rkeys)
+    )
+    ys = []
+    for g0, (q_r, k_r, *rvals) in zip(range(0, num, READ_GROUP), rparts):
+        starts, saved = [], []
+        for c in range(g0, g0 + q_r.shape[0]):
+            per = {key: vals[c] for key, vals in wco.items()}
+            zs, deltas, norms, new = _write(sts, k_u[c], per.pop("rv"), d_u[c], per, rule, m)
+            starts.append(sts)
+            saved.append((zs, deltas, norms))
+            sts = new
+        st_all = [stack([st[i] for st in starts]) for i in range(depth)]
+        z_all = [stack([sv[0][i] for sv in saved]) for i in range(depth)]
+        d_all = [stack([sv[1][i] for sv in saved]) for i in range(depth)]
+        n_all = None
+        if saved[0][2] is not None:
+            n_all = [stack([sv[2][i] for sv in saved]) for i in range(depth)]
+        rco = {key: val.flatten(0, 1) for key, val in zip(rkeys, rvals)}
+        y = _read(st_all, q_r.flatten(0, 1), k_r.flatten(0, 1), z_all, d_all, n_all, rco, rule, m)
+        ys.append(y.unflatten(0, (q_r.shape[0], groups)))
+    return torch.cat(ys, dim=0), sts
 
 
 def memory_chunked(
@@ -380,12 +396,15 @@ def memory_chunked(
     run = _run_chunks
     if use_ckpt:
         run = partial(torch.utils.checkpoint.checkpoint, _run_chunks, use_reentrant=False)
+    pieces = zip(
+        qs.split(group),
+        ks.split(group),
+        [None] * num if dn is None else dn.split(group),
+        *(val.split(group) for val in co.values()),
+    )
     ys = []
-    for start in range(0, num, group):
-        part = slice(start, start + group)
-        dn_part = None if dn is None else dn[part]
-        co_part = {key: val[part] for key, val in co.items()}
-        y_group, sts = run(sts, qs[part], ks[part], dn_part, co_part, rule, m)
+    for q_p, k_p, dn_p, *co_vals in pieces:
+        y_group, sts = run(sts, q_p, k_p, dn_p, dict(zip(co, co_vals)), rule, m)
         ys.append(y_group)
 
     y = torch.cat(ys, dim=0).movedim(0, 1).flatten(1, 2)  # (n, G, T, D) -> (G, n T, D)
