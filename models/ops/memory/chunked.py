@@ -22,9 +22,12 @@ retrieving token t with its own X_t never materialises per-token weights:
 
 a causally masked "attention" (C ⊙ (Q Zᵀ)) Δ (the TTT dual form), applied layer by layer for
 an MLP memory with a_t the retrieved activation of the previous layer. The chunk's final state
-uses the last row of C. Chunks are walked in order by a Python loop; everything per chunk is a
-few batched matmuls. Memory is O(L (b + width)): autograd keeps each chunk's activations and
-start state, or, with checkpoint=True, ~sqrt(n) states and one group of chunks at a time.
+uses the last row of C. Only the writes are sequential (a chunk's gradients need the previous
+chunk's end state): a Python loop walks them, a few batched matmuls each, with momentum and
+weights stacked as one [X; S] tensor per layer so both move in one op. The reads need only the
+chunk-start states, so every READ_GROUP chunks one batched read serves them all. Memory is
+O(L (b + width)): autograd keeps each chunk's activations and start state, or, with
+checkpoint=True, ~sqrt(n) states and one group of chunks at a time.
 """
 
 from __future__ import annotations
