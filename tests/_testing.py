@@ -2,7 +2,29 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Import into a module of tiny ops: on the shared 2-core box OpenMP wake-ups make two
+    threads far slower than one (measured ~30x), so the module runs on one thread."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
+def autograd_graph_size(t: torch.Tensor) -> int:
+    """Autograd nodes reachable from t.grad_fn (what forward keeps alive for backward)."""
+    seen, todo = set(), [t.grad_fn]
+    while todo:
+        f = todo.pop()
+        if f is not None and f not in seen:
+            seen.add(f)
+            todo.extend(g for g, _ in f.next_functions)
+    return len(seen)
 
 
 def rel_rms(ref: torch.Tensor, out: torch.Tensor) -> float:

@@ -20,20 +20,14 @@ from models.ops.memory import (
     neural_memory,
     retrieve,
 )
-from tests._testing import assert_close, rel_rms
+from tests._testing import (
+    assert_close,
+    one_thread,  # noqa: F401  (autouse: this module runs on 1 thread)
+    rel_rms,
+)
 
 TOL = 1e-5  # relative RMS, every compared tensor, fp32 on both sides
 B, H = 2, 3
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These are hundreds of tiny ops; on a shared 2-core box OpenMP wake-ups make 2 threads
-    # ~30x slower than 1 (measured), so pin one thread for this module only.
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
 
 
 def _inputs(

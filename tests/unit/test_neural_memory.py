@@ -8,7 +8,10 @@ import torch
 
 from models.ops.memory import retrieve as memory_retrieve
 from models.sequence.titans import NeuralMemory
-from tests._testing import assert_close
+from tests._testing import (
+    assert_close,
+    one_thread,  # noqa: F401  (autouse: this module runs on 1 thread)
+)
 
 DIM, HEADS, CHUNK = 32, 2, 16
 VARIANTS = {
@@ -18,15 +21,6 @@ VARIANTS = {
     "yaad": {"attn_bias": "huber", "momentum": False},
     "memora": {"retention": "kl", "depth": 1, "momentum": False},
 }
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny ops: on the shared 2-core box one OpenMP thread is far faster than two.
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
 
 
 def _layer(seed: int = 0, **kw) -> NeuralMemory:

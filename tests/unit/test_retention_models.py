@@ -23,21 +23,15 @@ from models.sequence.lightnet import (
     additive_attention_step,
     lrpe_angles,
 )
-from tests._testing import assert_close, rel_rms
+from tests._testing import (
+    assert_close,
+    one_thread,  # noqa: F401  (autouse: this module runs on 1 thread)
+    rel_rms,
+)
 
 TOL = 1e-4
 FAMILIES = ("retnet", "landmark", "lightnet", "aaren")
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny shapes gain nothing from threads, and on the shared 2-core hosts OpenMP contention
-    makes them 10-100x slower in wall time."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _tokens(L: int, seed: int = 0, batch: int = 2) -> torch.Tensor:

@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from models.layers.segment_scan import checkpointed_scan
-from tests._testing import assert_close
+from tests._testing import assert_close, autograd_graph_size
 
 B, L, D, SEG = 2, 50, 8, 16  # odd length: the last segment is partial
 
@@ -80,16 +80,6 @@ def test_scan_matches_loop(enclose: bool) -> None:
     assert calls == 2 * n, f"step ran {calls} times, expected {2 * n} (forward + one recompute)"
 
 
-def _graph_size(t: torch.Tensor) -> int:
-    seen, todo = set(), [t.grad_fn]
-    while todo:
-        f = todo.pop()
-        if f is not None and f not in seen:
-            seen.add(f)
-            todo.extend(g for g, _ in f.next_functions)
-    return len(seen)
-
-
 def test_forward_keeps_no_graph() -> None:
     """The graph kept after forward does not grow with the length (the loop's does)."""
     m = _Recurrent()
@@ -98,7 +88,7 @@ def test_forward_keeps_no_graph() -> None:
         for n in (L, 4 * L):
             x = torch.randn(B, n, D, requires_grad=True)
             y, _ = run(m, x, [m.h0.expand(B, D), torch.rand(B, D)])
-            sizes[run.__name__, n] = _graph_size(y)
+            sizes[run.__name__, n] = autograd_graph_size(y)
     assert sizes["_scan", L] == sizes["_scan", 4 * L] < sizes["_loop", L] < sizes["_loop", 4 * L]
 
 

@@ -16,15 +16,11 @@ import models
 from models.layers.loss import chunked_lm_loss
 from models.layers.norms import RMSNorm
 from system.strategies.fsdp import apply_activation_checkpointing
-from tests._testing import assert_close
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+from tests._testing import (
+    assert_close,
+    autograd_graph_size,
+    one_thread,  # noqa: F401  (autouse: this module runs on 1 thread)
+)
 
 
 def _step(name: str, ac: bool, length: int = 112, **kw):
@@ -54,16 +50,6 @@ def test_savers_match_plain(variant: str, ac: bool) -> None:
         assert_close(f"grad {n}", g, got[n], 1e-5)
 
 
-def _graph_size(t: torch.Tensor) -> int:
-    seen, todo = set(), [t.grad_fn]
-    while todo:
-        f = todo.pop()
-        if f is not None and f not in seen:
-            seen.add(f)
-            todo.extend(g for g, _ in f.next_functions)
-    return len(seen)
-
-
 def test_mac_forward_graph_does_not_grow() -> None:
     """Autograd nodes and saved-tensor holders kept from forward to backward cost ~1 KB each;
     per token (5 nodes / token with per-segment torch.utils.checkpoint) they were ~10 KB/token."""
@@ -72,7 +58,7 @@ def test_mac_forward_graph_does_not_grow() -> None:
         torch.manual_seed(0)
         model = models.build("titans-mac-tiny", segment_len=32, mem_checkpoint=32, loss_chunk=64)
         tokens = torch.randint(0, 256, (1, length + 1))
-        sizes.append(_graph_size(model.train()(tokens[:, :-1], targets=tokens[:, 1:]).loss))
+        sizes.append(autograd_graph_size(model.train()(tokens[:, :-1], targets=tokens[:, 1:]).loss))
     # Only the 3 extra loss chunks (a score of nodes each) add up with the length.
     assert sizes[1] - sizes[0] <= 3 * 25, sizes
 
