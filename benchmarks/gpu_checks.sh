@@ -4,6 +4,10 @@
 # time limit so one slow step cannot eat the others' time. Logs go to $OUT (or /tmp/gpu_out).
 # Baselines (fla, titans-pytorch) come as wheels in .whl/ when the machine has no index:
 #   bash benchmarks/gpu_checks.sh          (device tool: timeout_s 600, carry [".whl"])
+# .whl/ (git-ignored; `pip download --no-deps --only-binary=:all: --python-version 3.12`):
+#   titans-pytorch==0.5.5 assoc-scan accelerated-scan axial_positional_embedding einx frozendict
+#   hyper-connections rotary-embedding-torch tensordict x-transformers torch-einops-utils loguru
+#   pyvers flash-linear-attention==0.6.0 fla-core==0.6.0 (2.8 MB in all; torch/triton are there)
 # Measured on an H100: the compiled memory MLP test compiles for > 100 s (fp32 IEEE dots), and
 # fla's chunk_retention autotunes for minutes on its first call; the limits below allow both.
 set -u
