@@ -474,8 +474,8 @@ class TitansBlock(nn.Module):
         if self._checkpointing():
             return self._scan(self._mac_segment, x, mem, seg, self)
         outs = []
-        for s in range(0, x.shape[1], seg):
-            o, mem = self._mac_segment(x[:, s : s + seg], mem)
+        for x_seg in x.split(seg, dim=1):  # split: one backward node, not one per slice
+            o, mem = self._mac_segment(x_seg, mem)
             outs.append(o)
         return torch.cat(outs, dim=1), mem
 
@@ -509,7 +509,8 @@ class Titans(nn.Module):
         loss_mask: Tensor | None = None,
     ) -> SeqOutput:
         x = self.embed(tokens)
-        states = [dict(s) for s in state] if state is not None else [{} for _ in self.layers]
+        # each block copies the dict it is given (TitansBlock.forward), so no copy here
+        states = list(state) if state is not None else [{} for _ in self.layers]
         for i, layer in enumerate(self.layers):
             x, states[i] = layer(x, states[i])
         if targets is not None:

@@ -50,7 +50,6 @@ from models.ops.memory.reference import (
     output_grad,
 )
 
-_SQRT1_2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 # alpha == 1 or eta == 0 would give log(0) = -inf whose gradient is NaN; these bounds change the
 # gates by less than fp32 resolution (alpha) or leave a 1e-30 momentum carry (eta).
