@@ -51,39 +51,75 @@ from models.ops.memory.reference import (
 )
 
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
 # alpha == 1 or eta == 0 would give log(0) = -inf whose gradient is NaN; these bounds change the
 # gates by less than fp32 resolution (alpha) or leave a 1e-30 momentum carry (eta).
 _ALPHA_MAX = 1.0 - 2.0**-24
 _ETA_MIN = 1e-30
 
 
-class _GeluGradMul(torch.autograd.Function):
-    """t ⊙ gelu'(x) with gelu' = Φ + x φ, saving (t, x) rather than the gelu' tensor.
+class _GeluPair(torch.autograd.Function):
+    """(gelu(x), gelu'(x)) from one pass: Φ and φ computed once, not in three ops.
 
-    Backward uses d gelu' / dx = φ (2 - x²): exact second derivative, needed because the inner
-    gradient is itself differentiated by the outer training step. Written with in-place ops
-    (no autograd inside a Function): per-op overhead dominates at small chunk widths.
+    gelu' = Φ + x φ multiplies the backpropagated error of the inner MLP backward, and the
+    outer training step differentiates it again: d gelu' / dx = φ (2 - x²) (exact). Backward
+    recomputes φ from x (one exp) rather than saving it; gelu' is saved anyway by the product
+    that consumes it. Written with in-place ops: per-op overhead dominates at chunk widths.
     """
 
     @staticmethod
-    def _pdf_and_slope(x: Tensor) -> tuple[Tensor, Tensor]:
-        pdf = x.square().mul_(-0.5).exp_().mul_(_INV_SQRT_2PI)
-        return pdf, torch.special.ndtr(x).addcmul_(x, pdf)
+    def _pdf(x: Tensor) -> Tensor:
+        return x.square().mul_(-0.5).exp_().mul_(_INV_SQRT_2PI)
 
     @staticmethod
-    def forward(t: Tensor, x: Tensor) -> Tensor:
-        return t * _GeluGradMul._pdf_and_slope(x)[1]
+    def forward(x: Tensor) -> tuple[Tensor, Tensor]:
+        cdf = torch.erf(x * _INV_SQRT_2).add_(1.0).mul_(0.5)
+        gelu = x * cdf
+        return gelu, cdf.addcmul_(x, _GeluPair._pdf(x))
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
-        ctx.save_for_backward(*inputs)
+        ctx.save_for_backward(inputs[0], output[1])
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:  # noqa: ANN001
-        t, x = ctx.saved_tensors
-        pdf, slope = _GeluGradMul._pdf_and_slope(x)
-        curv = pdf.mul_(x.square().neg_().add_(2.0))  # φ (2 - x²)
-        return grad * slope, curv.mul_(grad).mul_(t)
+    def backward(ctx, g_gelu: Tensor | None, g_slope: Tensor | None) -> Tensor:  # noqa: ANN001
+        x, slope = ctx.saved_tensors
+        out = torch.zeros_like(x) if g_gelu is None else g_gelu * slope
+        if g_slope is not None:
+            curv = _GeluPair._pdf(x).mul_(x.square().neg_().add_(2.0))  # φ (2 - x²)
+            out.addcmul_(curv, g_slope)
+        return out
+
+
+class _StackedMatmul(torch.autograd.Function):
+    """a @ stack(bs) (a @ stack(bs)ᵀ with tr) for a group of chunks; saves the pieces only.
+
+    The batched read multiplies by the stacked per-chunk states, zs and deltas of a group.
+    Those pieces stay alive anyway for the writes' backward, so a stacked copy saved by a
+    plain bmm would hold them twice (~24 KB a token at dim 256, 4 heads, depth 2). Backward
+    stacks them again instead.
+    """
+
+    @staticmethod
+    def forward(a: Tensor, tr: bool, *bs: Tensor) -> Tensor:
+        b = torch.stack(bs).flatten(0, 1)
+        return torch.bmm(a, b.mT if tr else b)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+        a, ctx.tr, *bs = inputs
+        ctx.save_for_backward(a, *bs)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # noqa: ANN001
+        a, *bs = ctx.saved_tensors
+        b = torch.stack(bs).flatten(0, 1)
+        ga = torch.bmm(grad, b if ctx.tr else b.mT) if ctx.needs_input_grad[0] else None
+        gbs: tuple[Tensor | None, ...] = (None,) * len(bs)
+        if any(ctx.needs_input_grad[2:]):
+            gb = torch.bmm(grad.mT, a) if ctx.tr else torch.bmm(a.mT, grad)
+            gbs = gb.unflatten(0, (len(bs), -1)).unbind(0)
+        return (ga, None, *gbs)
 
 
 def _segsum(x: Tensor) -> Tensor:
@@ -182,10 +218,27 @@ def _coefficients(
     }
 
 
-def _blocks(st: Tensor, m: int) -> tuple[Tensor, Tensor | None]:
-    """(…, m d_in, d_out) state -> the X block and the S block (None without momentum)."""
-    d_in = st.shape[-2] // m
-    return st[..., :d_in, :], (st[..., d_in:, :] if m == 2 else None)
+def _blocks(st: Tensor, m: int, tr: bool) -> tuple[Tensor, Tensor | None]:
+    """A layer's state -> its X block and S block (None without momentum), each
+    (…, d_in, d_out): the state is [X; S] (…, m d_in, d_out), or [Xᵀ; Sᵀ] when `tr`."""
+    rows = st.shape[-2] // m
+    x, s = st[..., :rows, :], (st[..., rows:, :] if m == 2 else None)
+    if tr:
+        return x.mT, (None if s is None else s.mT)
+    return x, s
+
+
+def _transposed(weights: tuple[Tensor, ...] | list[Tensor], m: int, rule: MemoryRule) -> list[bool]:
+    """Per layer, whether its state is stored transposed, [Xᵀ; Sᵀ].
+
+    Stacking [X; S] makes every op that weighs the two blocks per token (the write's z_i, the
+    read's a_t) scale a d_in-wide operand once per block; stored as [Xᵀ; Sᵀ] the d_out-wide one
+    is scaled instead (δ_i in the write, the (T, m d_out) product in the read). So the narrower
+    side is scaled: 4x less elementwise work in the second layer of an expansion-4 MLP.
+    """
+    if m == 1 or rule.retention == "kl":
+        return [False] * len(weights)
+    return [w.shape[-2] > w.shape[-1] for w in weights]
 
 
 def _scale_rows(w: Tensor, z: Tensor) -> Tensor:
@@ -203,32 +256,34 @@ def _write(
     co: dict[str, Tensor],
     rule: MemoryRule,
     m: int,
+    trs: list[bool],
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor] | None, list[Tensor]]:
     """One chunk's write: gradients at the chunk-start weights and the end-of-chunk state.
 
     The only sequential work (the next chunk's gradients need this chunk's end state). States
     are (G, m d_in, d_out) = [X; S] stacked, so the two blocks move in one op: the end state is
-    mix @ [X; S] - [(wc ⊙ Z)ᵀ; (hs ⊙ Z)ᵀ] Δ. rv = (k if residual) - v, so the residual of the
+    mix @ [X; S] - [(wc ⊙ Z)ᵀ; (hs ⊙ Z)ᵀ] Δ (transposed layers, `_transposed`: mix @ [Xᵀ; Sᵀ] -
+    [(wc ⊙ Δ)ᵀ; (hs ⊙ Δ)ᵀ] Z). rv = (k if residual) - v, so the residual of the
     MLP's answer comes out of one baddbmm. For the l2 bias the factor 2 of g = 2 r is folded
     into theta (memory_chunked), so Δ = r here. Returns the read's inputs and the new state.
     """
     depth = len(sts)
-    xs = [_blocks(st, m)[0] for st in sts]
+    xs = [_blocks(st, m, tr)[0] for st, tr in zip(sts, trs)]
     norms = [lq_norm_factor(x, rule) for x in xs] if rule.retention == "lq" else None
     w0 = [x / n for x, n in zip(xs, norms)] if norms else effective_weights(xs, rule)
 
     # Keys through the MLP at the chunk-start weights, then the analytic backward:
     # layer i's gradient for token j is the outer product zs[i][j] ⊗ deltas[i][j].
-    zs, pres, h = [kc], [], kc
+    zs, slopes, h = [kc], [], kc
     for i in range(depth - 1):
-        pres.append(torch.bmm(h, w0[i]))
-        h = F.gelu(pres[-1])
+        h, slope = _GeluPair.apply(torch.bmm(h, w0[i]))
+        slopes.append(slope)
         zs.append(h)
     r = torch.baddbmm(rv, h, w0[-1])
     dlt = r if rule.attn_bias == "l2" else output_grad(r, rule, dc)
     deltas = [dlt] * depth
     for i in range(depth - 1, 0, -1):
-        dlt = _GeluGradMul.apply(torch.bmm(dlt, w0[i].mT), pres[i - 1])
+        dlt = torch.bmm(dlt, w0[i].mT) * slopes[i - 1]
         deltas[i - 1] = dlt
 
     new = []
@@ -237,42 +292,53 @@ def _write(
             base = co["mix"] * st
         else:
             base = torch.bmm(co["mix"], st.unflatten(-2, (m, -1)).flatten(-2)).view_as(st)
-        zw = _scale_rows(co["wh"], zs[i])
-        new.append(torch.baddbmm(base, zw.mT, deltas[i], alpha=-1.0))
+        if trs[i]:
+            new.append(torch.baddbmm(base, _scale_rows(co["wh"], deltas[i]).mT, zs[i], alpha=-1.0))
+        else:
+            new.append(torch.baddbmm(base, _scale_rows(co["wh"], zs[i]).mT, deltas[i], alpha=-1.0))
     return zs, deltas, norms, new
 
 
 def _read(
-    sts: list[Tensor],
+    sts: list[list[Tensor]],
     qc: Tensor,
     kc: Tensor,
-    zs: list[Tensor],
-    deltas: list[Tensor],
+    zs: list[list[Tensor]],
+    deltas: list[list[Tensor]],
     norms: list[Tensor] | None,
     co: dict[str, Tensor],
     rule: MemoryRule,
     m: int,
+    trs: list[bool],
 ) -> Tensor:
     """Retrieval: token t reads with its own post-write weights, layer by layer (dual form):
 
         a_t X_t = β_t (a_t X0) + c_t (a_t S0) - Σ_i C[t, i] (a_t · z_i) δ_i
-                = ([β_t a_t, c_t a_t] @ [X0; S0]) - ((a Zᵀ) ⊙ C) Δ.
+                = ([β_t a_t, c_t a_t] @ [X0; S0]) - ((a Zᵀ) ⊙ C) Δ
+
+    (a transposed layer: β_t (a [X0 | S0])[:d_out] + c_t (a [X0 | S0])[d_out:] - ...).
 
     Needs only the chunk-start states and the write's zs / deltas, so it runs batched over
     many chunks at once (the batch dim is chunks x G): large matmuls instead of a loop.
+    sts, zs, deltas: per layer, the group's per-chunk pieces (G, ...), in chunk order.
     """
     depth = len(sts)
+    mm = _StackedMatmul.apply
     if rule.retention == "kl":
-        x0, s0 = _blocks(sts[0], m)
-        return _kl_retrieve(qc, kc, deltas[0], x0, s0, co, rule.simplex_scale)
+        x0, s0 = _blocks(torch.stack(sts[0]).flatten(0, 1), m, trs[0])
+        return _kl_retrieve(qc, kc, torch.cat(deltas[0]), x0, s0, co, rule.simplex_scale)
     a = qc
     for i in range(depth):
-        if i == 0:  # operands built for all chunks up front (see memory_chunked)
-            h = torch.baddbmm(torch.bmm(co["q_bc"], sts[0]), co["att1"], deltas[0], alpha=-1.0)
+        # layer 1's operands are built for all chunks up front (see memory_chunked)
+        att = co["att1"] if i == 0 else mm(a, True, *zs[i]) * co["C"]
+        if trs[i]:
+            y0, y1 = mm(a, True, *sts[i]).chunk(2, dim=-1)
+            base = torch.addcmul(y0 * co["bc"][..., 0, :], y1, co["bc"][..., 1, :])
+        elif i == 0 and "q_bc" in co:
+            base = mm(co["q_bc"], False, *sts[0])
         else:
-            att = torch.bmm(a, zs[i].mT) * co["C"]
-            h = torch.baddbmm(torch.bmm(_scale_rows(co["bc"], a), sts[i]), att, deltas[i],
-                              alpha=-1.0)  # fmt: skip
+            base = mm(_scale_rows(co["bc"], a), False, *sts[i])
+        h = base - mm(att, False, *deltas[i])
         if norms:
             h = h / norms[i]
         a = F.gelu(h) if i < depth - 1 else h
@@ -297,6 +363,7 @@ def _run_chunks(
     co: dict[str, Tensor],
     rule: MemoryRule,
     m: int,
+    trs: list[bool],
 ) -> tuple[Tensor, list[Tensor]]:
     """Consecutive chunks (n, G, T, ...) (the unit a checkpoint recomputes): the writes walk
     the chunks in order; every READ_GROUP chunks one batched read serves them all. Returns
@@ -321,18 +388,19 @@ def _run_chunks(
         starts, saved = [], []
         for c in range(g0, g0 + q_r.shape[0]):
             per = {key: vals[c] for key, vals in wco.items()}
-            zs, deltas, norms, new = _write(sts, k_u[c], per.pop("rv"), d_u[c], per, rule, m)
+            zs, deltas, norms, new = _write(sts, k_u[c], per.pop("rv"), d_u[c], per, rule, m, trs)
             starts.append(sts)
             saved.append((zs, deltas, norms))
             sts = new
-        st_all = [stack([st[i] for st in starts]) for i in range(depth)]
-        z_all = [stack([sv[0][i] for sv in saved]) for i in range(depth)]
-        d_all = [stack([sv[1][i] for sv in saved]) for i in range(depth)]
+        st_all = [[st[i] for st in starts] for i in range(depth)]
+        z_all = [[sv[0][i] for sv in saved] for i in range(depth)]
+        d_all = [[sv[1][i] for sv in saved] for i in range(depth)]
         n_all = None
         if saved[0][2] is not None:
             n_all = [stack([sv[2][i] for sv in saved]) for i in range(depth)]
         rco = {key: val.flatten(0, 1) for key, val in zip(rkeys, rvals)}
-        y = _read(st_all, q_r.flatten(0, 1), k_r.flatten(0, 1), z_all, d_all, n_all, rco, rule, m)
+        q_f, k_f = q_r.flatten(0, 1), k_r.flatten(0, 1)
+        y = _read(st_all, q_f, k_f, z_all, d_all, n_all, rco, rule, m, trs)
         ys.append(y.unflatten(0, (q_r.shape[0], groups)))
     return torch.cat(ys, dim=0), sts
 
@@ -372,10 +440,12 @@ def memory_chunked(
     def flat(t: Tensor) -> Tensor:  # (B, H, ...) -> (G, ...)
         return t.float().reshape(groups, *t.shape[2:])
 
-    # Per layer one (G, m d_in, d_out) state: [X; S] stacked along rows (see _write).
-    sts = [flat(x) for x in st.weights]
+    # Per layer one state: [X; S] (G, m d_in, d_out), or [Xᵀ; Sᵀ] (`_transposed`, see _write).
+    trs = _transposed(st.weights, m, rule)
+    sts = [flat(x).mT if tr else flat(x) for x, tr in zip(st.weights, trs)]
     if m == 2:
-        sts = [torch.cat([x, flat(s)], dim=-2) for x, s in zip(sts, st.momentum)]
+        moms = [flat(s).mT if tr else flat(s) for s, tr in zip(st.momentum, trs)]
+        sts = [torch.cat([x, s], dim=-2) for x, s in zip(sts, moms)]
     # Padded tokens get theta = 0, alpha = 0, eta = 1: they never touch rows <= last.
     qs, ks = _to_chunks(flat(q), num, size, 0.0), _to_chunks(flat(k), num, size, 0.0)
     vs = _to_chunks(flat(v), num, size, 0.0)
@@ -385,7 +455,8 @@ def memory_chunked(
     co["rv"] = ks - vs if rule.residual and len(sts) >= 2 else -vs
     if rule.retention != "kl":
         # Layer 1's read operands need no weights: build them for all chunks.
-        co["q_bc"] = _scale_rows(co["bc"], qs)
+        if not trs[0]:
+            co["q_bc"] = _scale_rows(co["bc"], qs)
         co["att1"] = (qs @ ks.mT) * co["C"]
     dn = None
     if huber_delta is not None:
@@ -406,7 +477,7 @@ def memory_chunked(
     )
     ys = []
     for q_p, k_p, dn_p, *co_vals in pieces:
-        y_group, sts = run(sts, q_p, k_p, dn_p, dict(zip(co, co_vals)), rule, m)
+        y_group, sts = run(sts, q_p, k_p, dn_p, dict(zip(co, co_vals)), rule, m, trs)
         ys.append(y_group)
 
     y = torch.cat(ys, dim=0).movedim(0, 1).flatten(1, 2)  # (n, G, T, D) -> (G, n T, D)
@@ -414,6 +485,6 @@ def memory_chunked(
     # The state is carried across pieces and checkpoint boundaries: copy it out so it does not
     # keep the per-chunk tensors it was sliced from alive (O(L) memory at 2M tokens).
     unflat = lambda t: t.reshape(bsz, heads, *t.shape[1:]).clone()
-    blocks = [_blocks(st, m) for st in sts]
+    blocks = [_blocks(st, m, tr) for st, tr in zip(sts, trs)]
     mom = None if m == 1 else tuple(unflat(b[1]) for b in blocks)
     return y, MemoryState(tuple(unflat(b[0]) for b in blocks), mom)
