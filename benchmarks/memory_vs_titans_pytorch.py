@@ -5,7 +5,9 @@ titans-pytorch runs in its `batch_size=64` mode (gradients at the start of each 
 window, like ours) and in its default mode (every gradient at the segment's initial weights).
 Each (implementation, length) runs in a fresh subprocess, so its peak RSS (ru_maxrss) is that
 configuration's alone. Reported: best-of-N tokens/s of forward + backward of mean(y²), peak RSS,
-ratios ours / theirs, and our achieved GFLOP/s (matmul FLOPs counted by torch's FlopCounter).
+"step MB" (peak minus the RSS with imports, module and input in place: what the steps add),
+ratios ours / theirs, our achieved GFLOP/s (matmul FLOPs counted by torch's FlopCounter), and
+the ceiling: our tok/s if every FLOP ran at the matmul peak measured in the same run.
 
 The two do different work per token. Ours writes every token into the memory and retrieves
 token t with the weights after token t (the dual form costs b x width extra per token);
@@ -112,7 +114,7 @@ def _timed_steps(mod: torch.nn.Module, x: torch.Tensor, repeats: int) -> list[fl
     return times
 
 
-def _result(impl: str, length: int, times: list[float], peak_mb: float, idle_mb: float) -> dict:
+def _result(impl: str, length: int, times: list[float], peak_mb: float, ready_mb: float) -> dict:
     return {
         "impl": impl,
         "length": length,
@@ -120,7 +122,7 @@ def _result(impl: str, length: int, times: list[float], peak_mb: float, idle_mb:
         "median_s": statistics.median(times),
         "tok_s": length / min(times),
         "peak_rss_mb": peak_mb,
-        "idle_rss_mb": idle_mb,
+        "step_mb": peak_mb - ready_mb,
     }
 
 
@@ -128,10 +130,13 @@ def worker(impl: str, length: int, repeats: int, threads: int) -> dict:
     """Runs in its own process, so ru_maxrss is this configuration's peak alone."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    rss_idle = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    times = _timed_steps(build(impl), torch.randn(1, length, DIM), repeats)
+    mod, x = build(impl), torch.randn(1, length, DIM)
+    # ready = the process with its imports, module and input, before any step: peak - ready
+    # is what the steps themselves add (titans-pytorch's imports weigh more than ours).
+    rss_ready = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    times = _timed_steps(mod, x, repeats)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return _result(impl, length, times, peak, rss_idle)
+    return _result(impl, length, times, peak, rss_ready)
 
 
 def worker_cuda(impl: str, length: int, repeats: int, dtype: str) -> dict:
@@ -166,6 +171,24 @@ def count_flops(impl: str, length: int) -> float:
         mod(x)[0].square().mean().backward()
     per_op = counter.get_flop_counts()["Global"]
     return float(sum(v for op, v in per_op.items() if "conv" not in str(op)))
+
+
+def print_ceilings(
+    flops_per_tok: float, peaks: dict[str, float], results: dict, lengths: list[int]
+) -> None:
+    """What the goals ask of this CPU: our tok/s if every FLOP ran at a measured matmul peak,
+    as a multiple of each baseline, beside the goal. Shows whether a goal is reachable at all
+    with this much work per token (the exact recurrence's FLOPs are fixed by the config)."""
+    goals = {"titans-bs64": 10.0, "titans": 3.0}
+    for name, peak in peaks.items():
+        ceiling = peak * 1e9 / flops_per_tok
+        cells = []
+        for length in lengths:
+            for impl, goal in goals.items():
+                base = results.get((impl, length), {}).get("tok_s")
+                if base:
+                    cells.append(f"L={length} {ceiling / base:.1f}x {impl} (goal {goal:g}x)")
+        print(f"ceiling at {name} ({peak} GFLOP/s): {ceiling:,.0f} tok/s = {'; '.join(cells)}")
 
 
 def run_isolated(args: list[str]) -> dict:
@@ -273,14 +296,15 @@ def main() -> None:
             print(f"  [{length:>6}] {impl:<12} {msg}", flush=True)
 
     mine = [i for i in ("ours", "ours-ckpt", "ours-triton") if i in impls]
-    heads = "".join(f" {m} ÷ it: tok/s | {m} ÷ it: RSS |" for m in mine)
-    print(f"\n| L | impl | tok/s | peak RSS MB |{heads}")
-    print("|---|---|---|---|" + "---|---|" * len(mine))
+    # step MB = peak - RSS before the first step (CPU); on GPU both are the CUDA peak.
+    heads = "".join(f" {m} ÷ it: tok/s | RSS | step MB |" for m in mine)
+    print(f"\n| L | impl | tok/s | peak RSS MB | step MB |{heads}")
+    print("|---|---|---|---|---|" + "---|---|---|" * len(mine))
     for length in lengths:
         for impl in impls:
             r = results[impl, length]
             if "error" in r:
-                print(f"| {length} | {impl} | {r['error'][:70]} | |" + " | |" * len(mine))
+                print(f"| {length} | {impl} | {r['error'][:70]} | | |" + " | | |" * len(mine))
                 continue
             cells = ""
             for m in mine:
@@ -288,9 +312,13 @@ def main() -> None:
                 if impl.startswith("titans") and "tok_s" in o:
                     cells += f" {o['tok_s'] / r['tok_s']:.2f}x |"
                     cells += f" {o['peak_rss_mb'] / r['peak_rss_mb']:.2f}x |"
+                    cells += f" {o['step_mb'] / max(r['step_mb'], 1.0):.2f}x |"
                 else:
-                    cells += " | |"
-            print(f"| {length} | {impl} | {r['tok_s']:,.0f} | {r['peak_rss_mb']:,.0f} |{cells}")
+                    cells += " | | |"
+            print(
+                f"| {length} | {impl} | {r['tok_s']:,.0f} | {r['peak_rss_mb']:,.0f} "
+                f"| {r['step_mb']:,.0f} |{cells}"
+            )
     print()
     for impl, fpt in flops_per_tok.items():
         rates = [
@@ -304,7 +332,10 @@ def main() -> None:
         )
     if not cuda:
         print(f"CPU reference peaks (GFLOP/s), from the brief: {PEAK_GFLOPS}")
-        print(f"measured now, fp32 {a.threads} threads (GFLOP/s): {measured_peaks(a.threads)}")
+        peaks = measured_peaks(a.threads)
+        print(f"measured now, fp32 {a.threads} threads (GFLOP/s): {peaks}")
+        if "ours" in flops_per_tok:
+            print_ceilings(flops_per_tok["ours"], peaks, results, lengths)
     print(f"load avg at end {os.getloadavg()[0]:.1f}")
 
 

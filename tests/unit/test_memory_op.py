@@ -116,6 +116,9 @@ CASES = [
     (63, 16, 16, 24, 1, False, "l2", "kl", True),  # Memora
     (200, 64, 16, 24, 1, False, "l2", "kl", True),
     (63, 16, 16, 16, 1, True, "huber", "kl", True),
+    # more chunks than READ_GROUP (16): several batched reads, the partial chunk in the last
+    (150, 8, 16, 16, 2, True, "l2", "l2", True),
+    (150, 8, 16, 24, 1, False, "huber", "lq", True),
 ]
 
 
