@@ -172,12 +172,30 @@ class NeuralMemory(nn.Module):
         y = self.out_norm(y_BHLD.transpose(1, 2)).reshape(b, length, -1)
         return self.out_proj(y.to(x_BLC.dtype) * F.silu(self.out_gate(x_BLC)))
 
+    # On CPU a long input runs as consecutive pieces of about this many tokens (batch x length),
+    # the state carried (same result: pieces are whole chunks). glibc maps every block over
+    # 32 MB afresh and unmaps it on free, so length-sized activations ((L, 3 dim) is 100 MB at
+    # 32k tokens) page-fault in at every step: at 32k the layer around the memory op took
+    # longer than the op itself.
+    CPU_PIECE_TOKENS = 4096
+
     def forward(
         self, x_BLC: Tensor, state: NeuralMemoryState | None = None
     ) -> tuple[Tensor, NeuralMemoryState]:
         b, length, _ = x_BLC.shape
         if state is None:
             state = self.initial_state(b)
+        piece = self.chunk_size * max(1, self.CPU_PIECE_TOKENS // (b * self.chunk_size))
+        if x_BLC.device.type != "cpu" or length <= piece:
+            return self._forward(x_BLC, state)
+        ys = []
+        for x_piece in x_BLC.split(piece, dim=1):
+            y, state = self._forward(x_piece, state)
+            ys.append(y)
+        return torch.cat(ys, dim=1), state
+
+    def _forward(self, x_BLC: Tensor, state: NeuralMemoryState) -> tuple[Tensor, NeuralMemoryState]:
+        b, length, _ = x_BLC.shape
         u, conv_cache = self._conv(self.qkv(x_BLC), state.conv, self.conv_weight, self.conv_bias)
         u = F.silu(u)
         q, k, v = (self._split_heads(t) for t in u.chunk(3, dim=-1))

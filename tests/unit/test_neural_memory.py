@@ -49,6 +49,27 @@ def test_pieces_equal_whole(variant: str) -> None:
 
 
 @pytest.mark.parametrize("variant", ["titans", "yaad"])
+def test_cpu_pieces_match_one_call(variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """forward's own CPU pieces (CPU_PIECE_TOKENS) == one call: outputs, state, gradients.
+    Batch 2 x 48 tokens per piece = 3 chunks; 100 tokens = pieces 48, 48, 4 (partial chunk)."""
+    x = _x(100)
+    res = []
+    for piece_tokens in (10**9, 2 * 48):
+        monkeypatch.setattr(NeuralMemory, "CPU_PIECE_TOKENS", piece_tokens)
+        mem = _layer(**VARIANTS[variant])
+        y, st = mem(x)
+        (y.square().mean() + sum(w.square().sum() for w in st.memory.weights)).backward()
+        res.append((y, st, {n: p.grad for n, p in mem.named_parameters()}))
+    (y1, st1, g1), (y2, st2, g2) = res
+    assert_close("y", y1, y2, 1e-5)
+    assert_close("conv", st1.conv, st2.conv, 0.0)
+    for a, b in zip(st1.memory.weights, st2.memory.weights):
+        assert_close("memory", a, b, 1e-5)
+    for name, g in g1.items():
+        assert_close(f"grad {name}", g, g2[name], 1e-4)
+
+
+@pytest.mark.parametrize("variant", ["titans", "yaad"])
 def test_causal(variant: str) -> None:
     """Changing tokens after t (mid-chunk) never changes y at <= t."""
     mem = _layer(**VARIANTS[variant])

@@ -24,8 +24,10 @@ a causally masked "attention" (C ⊙ (Q Zᵀ)) Δ (the TTT dual form), applied l
 an MLP memory with a_t the retrieved activation of the previous layer. The chunk's final state
 uses the last row of C. Only the writes are sequential (a chunk's gradients need the previous
 chunk's end state): a Python loop walks them, a few batched matmuls each, with momentum and
-weights stacked as one [X; S] tensor per layer so both move in one op. The reads need only the
-chunk-start states, so every READ_GROUP chunks one batched read serves them all. Memory is
+weights stacked as one [X; S] tensor per layer (or [Xᵀ; Sᵀ], whichever scales the narrower
+side) so both move in one op. The reads need only the chunk-start states, so every READ_GROUP
+chunks one batched read serves them all; coefficients and read operands are built per group,
+so no temporary is length-sized. Memory is
 O(L (b + width)): autograd keeps each chunk's activations and start state, or, with
 checkpoint=True, ~sqrt(n) states and one group of chunks at a time.
 """
