@@ -15,7 +15,7 @@ titans-pytorch writes one averaged update per 64-token chunk and retrieves chunk
 weights after chunk n-1.
 
     python benchmarks/memory_vs_titans_pytorch.py [--lengths 2k,8k,32k] [--repeats 3]
-        [--impls ours,ours-ckpt,titans-bs64,titans] [--threads 2] [--bs64-max-len 8k]
+        [--impls ours,ours-ckpt,titans-bs64,titans] [--threads 2] [--bs64-max-len 8k] [--rounds 2]
     python benchmarks/memory_vs_titans_pytorch.py --device cuda --dtype bf16 \
         --impls ours,ours-triton,titans-bs64,titans
 
@@ -191,6 +191,18 @@ def print_ceilings(
         print(f"ceiling at {name} ({peak} GFLOP/s): {ceiling:,.0f} tok/s = {'; '.join(cells)}")
 
 
+def _best(old: dict | None, new: dict) -> dict:
+    """Merge two runs of one config: the faster run's timings, the larger peak memory."""
+    if old is None or "tok_s" not in old:
+        return new
+    if "tok_s" not in new:
+        return old
+    best = dict(new if new["tok_s"] > old["tok_s"] else old)
+    best["peak_rss_mb"] = max(old["peak_rss_mb"], new["peak_rss_mb"])
+    best["step_mb"] = max(old["step_mb"], new["step_mb"])
+    return best
+
+
 def run_isolated(args: list[str]) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), *args]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -210,6 +222,13 @@ def main() -> None:
     ap.add_argument("--impls", default=None, help=f"subset of {IMPLS}")
     ap.add_argument("--repeats", type=int, default=3, help="timed steps per config (best kept)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="CPU: run the whole set this many times, interleaved, keeping each config's best "
+        "tok/s (and its largest peak): a shared machine's slow minutes hit every impl alike",
+    )
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument(
         "--dtype", default="fp32", choices=["fp32", "bf16"], help="bf16: module and input in bf16"
@@ -264,36 +283,36 @@ def main() -> None:
 
     results: dict[tuple[str, int], dict] = {}
     bs64_max = parse_lengths(a.bs64_max_len)[0]
-    for length in lengths:
-        for impl in impls:
-            if impl == "titans-bs64" and length > bs64_max and not cuda:
-                results[impl, length] = {"error": f"skipped above --bs64-max-len {bs64_max}"}
-                print(f"  [{length:>6}] {impl:<12} skipped (memory, see --bs64-max-len)")
-                continue
-            if cuda:
-                results[impl, length] = r = run_cuda(impl, length, a.repeats, a.dtype)
-                msg = r.get("error") or (
-                    f"{r['tok_s']:,.0f} tok/s (median {length / r['median_s']:,.0f}), "
-                    f"peak CUDA memory {r['peak_rss_mb']:,.0f} MB"
-                )
-                print(f"  [{length:>6}] {impl:<12} {msg}", flush=True)
-                continue
-            r = run_isolated(
-                [
-                    "--worker",
-                    f"{impl}:{length}",
-                    "--repeats",
-                    str(a.repeats),
-                    "--threads",
-                    str(a.threads),
-                ]
-            )
-            results[impl, length] = r
+    rounds = 1 if cuda else max(1, a.rounds)
+    for length, impl in [(n, i) for _ in range(rounds) for n in lengths for i in impls]:
+        if impl == "titans-bs64" and length > bs64_max and not cuda:
+            results[impl, length] = {"error": f"skipped above --bs64-max-len {bs64_max}"}
+            print(f"  [{length:>6}] {impl:<12} skipped (memory, see --bs64-max-len)")
+            continue
+        if cuda:
+            results[impl, length] = r = run_cuda(impl, length, a.repeats, a.dtype)
             msg = r.get("error") or (
                 f"{r['tok_s']:,.0f} tok/s (median {length / r['median_s']:,.0f}), "
-                f"peak RSS {r['peak_rss_mb']:,.0f} MB"
+                f"peak CUDA memory {r['peak_rss_mb']:,.0f} MB"
             )
             print(f"  [{length:>6}] {impl:<12} {msg}", flush=True)
+            continue
+        r = run_isolated(
+            [
+                "--worker",
+                f"{impl}:{length}",
+                "--repeats",
+                str(a.repeats),
+                "--threads",
+                str(a.threads),
+            ]
+        )
+        results[impl, length] = r = _best(results.get((impl, length)), r)
+        msg = r.get("error") or (
+            f"{r['tok_s']:,.0f} tok/s (median {length / r['median_s']:,.0f}), "
+            f"peak RSS {r['peak_rss_mb']:,.0f} MB"
+        )
+        print(f"  [{length:>6}] {impl:<12} {msg}", flush=True)
 
     mine = [i for i in ("ours", "ours-ckpt", "ours-triton") if i in impls]
     # step MB = peak - RSS before the first step (CPU); on GPU both are the CUDA peak.
