@@ -170,6 +170,36 @@ def retire_checkpoints(run_dir: Path) -> Path | None:
     return dest
 
 
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's checkpoint-manager state
+
+
+def prune_unreported(run_dir: Path) -> list[Path]:
+    """After a Ray run: delete the committed checkpoints older than every one Ray kept.
+
+    A report waits in the worker's queue until the controller polls it, and a worker killed
+    before that takes it along (`Checkpointer._reregister` re-reports only the checkpoint it
+    resumes from). Ray never heard of such a checkpoint, so CheckpointConfig(num_to_keep) never
+    prunes it and it stays on disk, older than everything kept. The launcher calls this once
+    `fit()` has returned, so nothing races Ray's own deletes. It reads the controller's
+    snapshot and removes only committed directories it does not list and that are older than
+    the oldest it lists; without a snapshot it does nothing. Returns what it removed.
+    """
+    snap = Path(run_dir) / "checkpoints" / RAY_SNAPSHOT
+    if not snap.is_file():
+        return []
+    listed = {r["checkpoint_dir_name"] for r in load_json(snap).get("checkpoint_results", [])}
+    kept = [step_of(d) for d in all_checkpoints(run_dir) if d.name in listed]
+    if not kept:
+        return []
+    stale = [
+        d for d in committed_checkpoints(run_dir) if d.name not in listed and step_of(d) < min(kept)
+    ]
+    for d in stale:
+        uncommit(d)
+        shutil.rmtree(d)
+    return stale
+
+
 class Checkpointer:
     """Saves and restores the full training state of every rank (one per rank, same calls)."""
 

@@ -157,6 +157,10 @@ def run(cfg: JobConfig) -> dict[str, Any]:
         result = build_trainer(cfg).fit()
         if result.error is not None:
             raise result.error
+        from system.checkpoint import prune_unreported
+
+        for d in prune_unreported(Path(cfg.run_dir)):  # a report lost with a killed worker
+            print(f"[mnemo] removed {d}: older than every checkpoint Ray kept", flush=True)
         return dict(result.metrics or {})
     finally:
         if started:

@@ -146,6 +146,30 @@ def test_keep_newest_and_uncommit_before_delete(tmp_path):
     assert not C.step_dir(tmp_path, 1).exists()
 
 
+def test_prune_unreported_removes_only_what_ray_never_kept(tmp_path):
+    """Ray's snapshot lists steps 3 and 5: 1 and 2 (reports lost with a killed worker) go;
+    4, newer than the oldest Ray kept, and an uncommitted leftover stay; no snapshot, no-op."""
+    job = Job(tmp_path, **{"checkpoint.keep": 10})
+    for _ in range(5):
+        job.train(1)
+        job.save()
+    job.ckpt.finalize()
+    leftover = C.step_dir(tmp_path, 0)
+    leftover.mkdir()
+    assert C.prune_unreported(tmp_path) == []  # no snapshot: not a Ray run
+    names = [C.step_dir(tmp_path, s).name for s in (3, 5)]
+    snapshot = {"checkpoint_results": [{"checkpoint_dir_name": n} for n in names]}
+    (tmp_path / "checkpoints" / C.RAY_SNAPSHOT).write_text(json.dumps(snapshot))
+    removed = C.prune_unreported(tmp_path)
+    assert [d.name for d in removed] == ["step_00000001", "step_00000002"]
+    assert [d.name for d in C.all_checkpoints(tmp_path)] == [
+        "step_00000000",
+        "step_00000003",
+        "step_00000004",
+        "step_00000005",
+    ]
+
+
 def test_resume_never_moves_old_checkpoints_aside(tmp_path):
     job = Job(tmp_path)
     job.train(1)
