@@ -362,7 +362,7 @@ _WRITE_KEYS = ("mix", "wh", "rv")
 
 
 # Chunks per batched read: enough to make the read's matmuls large, few enough that their
-# operands (stacked states, zs, deltas) stay in cache. The coefficients and the read's operands
+# operands (the chunks' states, zs, deltas) stay in cache. The coefficients and the read's operands
 # are built per group too: every temporary is group-sized (~1 MB here), not length-sized, so
 # none is a fresh mmap that glibc page-faults in again (and unmaps) at every step.
 READ_GROUP = 16
@@ -409,9 +409,6 @@ def _run_chunks(
     depth = len(sts)
     n_groups = -(-num // READ_GROUP)
 
-    def stack(items: list[Tensor]) -> Tensor:  # r x (G, ...) -> (r G, ...)
-        return torch.stack(items).flatten(0, 1)
-
     # split, not slices: a slice's backward writes a zero tensor of the full length each time
     split = [t.split(READ_GROUP) for t in (qs, ks, vs)]
     d_split = [None] * n_groups if dn is None else dn.split(READ_GROUP)
@@ -437,7 +434,7 @@ def _run_chunks(
         d_all = [[sv[1][i] for sv in saved] for i in range(depth)]
         n_all = None
         if saved[0][2] is not None:
-            n_all = [stack([sv[2][i] for sv in saved]) for i in range(depth)]
+            n_all = [torch.cat([sv[2][i] for sv in saved]) for i in range(depth)]
         rco = {key: val.flatten(0, 1) for key, val in co.items()}
         q_f, k_f = q_r.flatten(0, 1), k_r.flatten(0, 1)
         y = _read(st_all, q_f, k_f, z_all, d_all, n_all, rco, rule, m, trs)
