@@ -198,10 +198,10 @@ def _coefficients(
     from the chunked (r, G, T) theta, log(1 - alpha) and log(eta) (None: no momentum); `last`
     is the final chunk's last real row (T-1 unless the sequence ends inside it).
 
-    With m = 2 state blocks [X; S] (momentum) or m = 1 [X]: `mix` (n, G, m, m) maps the
+    With m = 2 state blocks [X; S] (momentum) or m = 1 [X]: `mix` (r, G, m, m) maps the
     chunk-start blocks to the end-of-chunk ones before the writes ([[β, c], [0, ε]] at the last
-    token), `wh` (n, G, T, m, 1) weighs token i's outer product in each block (C[last, i],
-    E[last, i] θ_i), `bc` (n, G, T, m, 1) weighs the blocks when token t reads ([β_t, c_t]).
+    token), `wh` (r, G, T, m, 1) weighs token i's outer product in each block (C[last, i],
+    E[last, i] θ_i), `bc` (r, G, T, m, 1) weighs the blocks when token t reads ([β_t, c_t]).
     """
     amat = torch.exp(_segsum(log_keep))  # A[t, s] = β_t / β_s
     beta = torch.exp(log_keep.cumsum(dim=-1))
