@@ -134,6 +134,162 @@ class _GroupMatmul(torch.autograd.Function):
         return (ga, None, *gbs)
 
 
+def _gelu_derivs(p: Tensor) -> tuple[Tensor, Tensor]:
+    """gelu'(p) = Φ(p) + p φ(p) and gelu''(p) = φ(p) (2 - p²), recomputed in backward (two
+    elementwise passes) instead of saved."""
+    sq = p.square()
+    pdf = sq.mul(-0.5).exp_().mul_(_INV_SQRT_2PI)
+    slope = torch.erf(p * _INV_SQRT_2).add_(1.0).mul_(0.5).addcmul_(p, pdf)
+    return slope, sq.neg_().add_(2.0).mul_(pdf)
+
+
+def _carry(mix: Tensor, st: Tensor, m: int) -> Tensor:
+    """`_mix` without autograd, elementwise: mix is [[β, c], [0, ε]] (or its transpose, in
+    backward), and a (G, 2, 2) @ (G, 2, d_in d_out) bmm runs at a fraction of memory speed."""
+    if m == 1:
+        return mix * st
+    out = torch.empty_like(st)
+    (x, s), (ox, os_) = (t.unflatten(-2, (2, -1)).unbind(-3) for t in (st, out))
+    coef = mix[..., None, None]  # (G, 2, 2, 1, 1)
+    torch.mul(x, coef[:, 0, 0], out=ox).addcmul_(s, coef[:, 0, 1])
+    torch.mul(s, coef[:, 1, 1], out=os_).addcmul_(x, coef[:, 1, 0])
+    return out
+
+
+def _add(acc: Tensor | None, x: Tensor | None) -> Tensor | None:
+    """acc + x where either may be None (a zero gradient); may reuse acc's memory."""
+    if x is None:
+        return acc
+    return x if acc is None else acc.add_(x)
+
+
+class _WriteL2(torch.autograd.Function):
+    """One chunk's write for the l2 bias and l2 retention (Titans), forward and backward by hand.
+
+    The same function as the autograd path of `_write` (which the other Miras choices take), but
+    its backward keeps only what it cannot cheaply redo: the chunk-start states, the keys, the
+    gates, each hidden layer's pre-activation p and back-propagated error e (before the slope),
+    and the outputs the read keeps anyway (zs, deltas). Autograd would also keep gelu'(p) and the
+    gate-scaled copies of zs / deltas the state update multiplies (~0.5 MB per chunk here, a
+    fifth of the op's memory) and walk ~40 nodes per chunk; this is one node.
+
+    Inputs: trs, m as in `_write`; k (G, T, d_0); rv (G, T, d_L); mix (G, m, m); wh (G, T, m, 1);
+    the states. Outputs: the hidden zs (zs[1:]), the deltas, the new states.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,  # noqa: ANN001
+        trs: tuple[bool, ...],
+        m: int,
+        k: Tensor,
+        rv: Tensor,
+        mix: Tensor,
+        wh: Tensor,
+        *sts: Tensor,
+    ) -> tuple[Tensor, ...]:
+        depth = len(sts)
+        ws = [_blocks(st, m, tr)[0] for st, tr in zip(sts, trs)]
+        zs, ps, slopes, h = [k], [], [], k
+        for i in range(depth - 1):
+            p = torch.bmm(h, ws[i])
+            h, slope = _GeluPair.forward(p)
+            ps.append(p)
+            slopes.append(slope)
+            zs.append(h)
+        deltas: list[Tensor] = [torch.baddbmm(rv, h, ws[-1])] * depth
+        es: list[Tensor] = [None] * (depth - 1)  # type: ignore[list-item]
+        for i in range(depth - 1, 0, -1):
+            es[i - 1] = torch.bmm(deltas[i], ws[i].mT)
+            deltas[i - 1] = es[i - 1] * slopes[i - 1]
+        new = [
+            torch.baddbmm(
+                _carry(mix, st, m), *_update_operands(wh, zs[i], deltas[i], tr), alpha=-1.0
+            )
+            for i, (st, tr) in enumerate(zip(sts, trs))
+        ]
+        ctx.trs, ctx.m, ctx.depth = trs, m, depth
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(k, mix, wh, *sts, *zs[1:], *deltas, *ps, *es)
+        return (*zs[1:], *deltas, *new)
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:  # noqa: ANN001
+        trs, m, depth = ctx.trs, ctx.m, ctx.depth
+        k, mix, wh, *rest = ctx.saved_tensors
+        sts = rest[:depth]
+        zs = [k, *rest[depth : 2 * depth - 1]]
+        deltas = rest[2 * depth - 1 : 3 * depth - 1]
+        ps = rest[3 * depth - 1 : 4 * depth - 2]
+        es = rest[4 * depth - 2 :]
+        g_z: list[Tensor | None] = [None, *grads[: depth - 1]]
+        g_d: list[Tensor | None] = list(grads[depth - 1 : 2 * depth - 1])
+        g_new = grads[2 * depth - 1 :]
+        ws = [_blocks(st, m, tr)[0] for st, tr in zip(sts, trs)]
+        g_w: list[Tensor | None] = [None] * depth
+        g_sts: list[Tensor | None] = [None] * depth
+        g_mix = g_wh = None
+        # new = mix ∘ st - Uᵀ V, U = wh ⊙ A (A = z, V = δ; transposed layers: A = δ, V = z)
+        for i, (st, tr, g) in enumerate(zip(sts, trs, g_new)):
+            if g is None:
+                continue
+            a_op, v_op = (deltas[i], zs[i]) if tr else (zs[i], deltas[i])
+            u_op, _ = _update_operands(wh, a_op, v_op, False)
+            g_u = torch.bmm(v_op, g.mT).neg_().unflatten(-1, (m, -1))  # (G, T, m, d_a)
+            g_v = torch.bmm(u_op.mT, g).neg_()
+            g_a = (g_u * wh).sum(-2)
+            g_wh = _add(g_wh, (g_u * a_op.unsqueeze(-2)).sum(-1, keepdim=True))
+            if tr:
+                g_d[i], g_z[i] = _add(g_d[i], g_a), _add(g_z[i], g_v)
+            else:
+                g_z[i], g_d[i] = _add(g_z[i], g_a), _add(g_d[i], g_v)
+            if m == 1:
+                g_sts[i] = mix * g
+                g_mix = _add(g_mix, (g * st).sum((-2, -1), keepdim=True))
+            else:
+                g_sts[i] = _carry(mix.mT, g, m)
+                g_mix = _add(
+                    g_mix,
+                    torch.bmm(
+                        g.unflatten(-2, (m, -1)).flatten(-2),
+                        st.unflatten(-2, (m, -1)).flatten(-2).mT,
+                    ),
+                )
+        # deltas[i-1] = e_i ⊙ gelu'(p_{i-1}), e_i = deltas[i] W_iᵀ (forward ran i = L-1 .. 1)
+        g_s: list[Tensor | None] = [None] * (depth - 1)
+        derivs = [_gelu_derivs(p) for p in ps]  # (slope, curvature) per hidden layer
+        for i in range(1, depth):
+            gd = g_d[i - 1]
+            if gd is None:
+                continue
+            g_e = gd * derivs[i - 1][0]
+            g_s[i - 1] = gd * es[i - 1]
+            g_d[i] = _add(g_d[i], torch.bmm(g_e, ws[i]))
+            g_w[i] = _add(g_w[i], torch.bmm(g_e.mT, deltas[i]))
+        # deltas[L-1] = r = rv + z_{L-1} W_{L-1}
+        g_r = g_d[depth - 1]
+        if g_r is not None:
+            g_z[depth - 1] = _add(g_z[depth - 1], torch.bmm(g_r, ws[-1].mT))
+            g_w[-1] = _add(g_w[-1], torch.bmm(zs[-1].mT, g_r))
+        # z_{i+1} = gelu(p_i), p_i = z_i W_i
+        for i in range(depth - 2, -1, -1):
+            slope, curv = derivs[i]
+            g_p = None if g_z[i + 1] is None else g_z[i + 1] * slope
+            if g_s[i] is not None:
+                g_p = _add(g_p, curv.mul_(g_s[i]))
+            if g_p is None:
+                continue
+            g_z[i] = _add(g_z[i], torch.bmm(g_p, ws[i].mT))
+            g_w[i] = _add(g_w[i], torch.bmm(zs[i].mT, g_p))
+        for i, (st, tr) in enumerate(zip(sts, trs)):
+            if g_w[i] is None:
+                continue
+            if g_sts[i] is None:
+                g_sts[i] = torch.zeros_like(st)
+            _blocks(g_sts[i], m, tr)[0].add_(g_w[i])
+        return (None, None, g_z[0], g_r, g_mix, g_wh, *g_sts)
+
+
 def _segsum(x: Tensor) -> Tensor:
     """out[..., t, s] = Σ_{s<j<=t} x[..., j] for s <= t and -inf above the diagonal.
 
@@ -259,6 +415,20 @@ def _scale_rows(w: Tensor, z: Tensor) -> Tensor:
     return (w * z.unsqueeze(-2)).flatten(-2)
 
 
+def _mix(mix: Tensor, st: Tensor, m: int) -> Tensor:
+    """The chunk-start state carried to the chunk's end: mix @ [X; S] (m = 1: β_end X)."""
+    if m == 1:
+        return mix * st
+    return torch.bmm(mix, st.unflatten(-2, (m, -1)).flatten(-2)).view_as(st)
+
+
+def _update_operands(wh: Tensor, z: Tensor, delta: Tensor, tr: bool) -> tuple[Tensor, Tensor]:
+    """(Uᵀ, V) with the chunk's state update Uᵀ V = Σ_i [wh_i ⊙ z_i] δ_iᵀ (transposed: δ z)."""
+    if tr:
+        return _scale_rows(wh, delta).mT, z
+    return _scale_rows(wh, z).mT, delta
+
+
 def _write(
     sts: list[Tensor],
     kc: Tensor,
@@ -279,6 +449,14 @@ def _write(
     into theta (memory_chunked), so Δ = r here. Returns the read's inputs and the new state.
     """
     depth = len(sts)
+    if rule.attn_bias == "l2" and rule.retention == "l2":
+        out = _WriteL2.apply(tuple(trs), m, kc, rv, co["mix"], co["wh"], *sts)
+        return (
+            [kc, *out[: depth - 1]],
+            list(out[depth - 1 : 2 * depth - 1]),
+            None,
+            list(out[2 * depth - 1 :]),
+        )
     xs = [_blocks(st, m, tr)[0] for st, tr in zip(sts, trs)]
     norms = [lq_norm_factor(x, rule) for x in xs] if rule.retention == "lq" else None
     w0 = [x / n for x, n in zip(xs, norms)] if norms else effective_weights(xs, rule)
@@ -297,16 +475,12 @@ def _write(
         dlt = torch.bmm(dlt, w0[i].mT) * slopes[i - 1]
         deltas[i - 1] = dlt
 
-    new = []
-    for i, st in enumerate(sts):
-        if m == 1:
-            base = co["mix"] * st
-        else:
-            base = torch.bmm(co["mix"], st.unflatten(-2, (m, -1)).flatten(-2)).view_as(st)
-        if trs[i]:
-            new.append(torch.baddbmm(base, _scale_rows(co["wh"], deltas[i]).mT, zs[i], alpha=-1.0))
-        else:
-            new.append(torch.baddbmm(base, _scale_rows(co["wh"], zs[i]).mT, deltas[i], alpha=-1.0))
+    new = [
+        torch.baddbmm(
+            _mix(co["mix"], st, m), *_update_operands(co["wh"], zs[i], deltas[i], tr), alpha=-1.0
+        )
+        for i, (st, tr) in enumerate(zip(sts, trs))
+    ]
     return zs, deltas, norms, new
 
 
