@@ -35,13 +35,12 @@ checkpoint=True, ~sqrt(n) states and one group of chunks at a time.
 from __future__ import annotations
 
 import math
-from functools import partial
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint
 from torch import Tensor
 
+from models.layers.segment_scan import checkpointed_scan
 from models.ops.memory.reference import (
     DEFAULT_RULE,
     MemoryRule,
@@ -616,6 +615,53 @@ def _run_chunks(
     return torch.cat(ys, dim=0), sts
 
 
+def _run_checkpointed(
+    sts: list[Tensor],
+    qs: Tensor,
+    ks: Tensor,
+    vs: Tensor,
+    dn: Tensor | None,
+    gates: dict[str, Tensor],
+    last: int,
+    rule: MemoryRule,
+    m: int,
+    trs: list[bool],
+) -> tuple[Tensor, list[Tensor]]:
+    """`_run_chunks` with checkpoint=True: groups of ~sqrt(n) chunks through `checkpointed_scan`,
+    so backward keeps ~sqrt(n) boundary states and recomputes one group at a time (activation
+    memory grows like sqrt(L)).
+
+    Not torch.utils.checkpoint: its non-reentrant form imports torch._dynamo, which imports
+    triton: ~130 MB of RSS in a CPU process, more than the op's own activations at 2k tokens.
+    The scan slices one tensor, so the chunked inputs travel packed on the last dim. Every chunk
+    the scan runs ends at row T-1; the final chunk, which may end early (`last`), runs after it
+    with its graph kept (one chunk's activations).
+    """
+    num, size = ks.shape[0], ks.shape[2]
+    parts = [qs, ks, vs, *(t.unsqueeze(-1) for t in ([] if dn is None else [dn]))]
+    parts += [g.unsqueeze(-1) for g in gates.values()]
+    widths = [t.shape[-1] for t in parts]
+    packed = torch.cat(parts, dim=-1).movedim(0, 1)  # (G, n, T, F): chunks on dim 1
+
+    def unpack(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None, dict[str, Tensor]]:
+        cols = [c.contiguous() for c in x.movedim(1, 0).split(widths, dim=-1)]
+        rest = [c.squeeze(-1) for c in cols[3:]]
+        dn_x = rest.pop(0) if dn is not None else None
+        return cols[0], cols[1], cols[2], dn_x, dict(zip(gates, rest))
+
+    def step(x_j: Tensor, s_j: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        y_j, s_next = _run_chunks(s_j, *unpack(x_j), size - 1, rule, m, trs)
+        return y_j.movedim(0, 1), s_next
+
+    ys = []
+    if num > 1:
+        group = max(1, round(math.sqrt(num)))
+        y_head, sts = checkpointed_scan(step, packed[:, :-1], sts, [], group)
+        ys.append(y_head.movedim(1, 0))
+    y_tail, sts = _run_chunks(sts, *unpack(packed[:, -1:]), last, rule, m, trs)
+    return torch.cat([*ys, y_tail], dim=0), sts
+
+
 def memory_chunked(
     q: Tensor,
     k: Tensor,
@@ -672,29 +718,12 @@ def memory_chunked(
     if huber_delta is not None:
         dn = _to_chunks(flat(huber_delta), num, size, 1.0)
 
-    # Checkpointing runs groups of ~sqrt(n) chunks: backward keeps ~sqrt(n) boundary states
-    # and recomputes one group at a time, so activation memory grows like sqrt(L).
-    use_ckpt = checkpoint and torch.is_grad_enabled()
-    group = max(1, round(math.sqrt(num))) if use_ckpt else num
-    run = _run_chunks
-    if use_ckpt:
-        run = partial(torch.utils.checkpoint.checkpoint, _run_chunks, use_reentrant=False)
-    pieces = zip(
-        qs.split(group),
-        ks.split(group),
-        vs.split(group),
-        [None] * num if dn is None else dn.split(group),
-        *(val.split(group) for val in gates.values()),
-    )
-    n_pieces = -(-num // group)
-    ys = []
-    for pi, (q_p, k_p, v_p, dn_p, *g_vals) in enumerate(pieces):
-        end_row = last if pi == n_pieces - 1 else size - 1
-        g_p = dict(zip(gates, g_vals))
-        y_group, sts = run(sts, q_p, k_p, v_p, dn_p, g_p, end_row, rule, m, trs)
-        ys.append(y_group)
+    if checkpoint and torch.is_grad_enabled():
+        y, sts = _run_checkpointed(sts, qs, ks, vs, dn, gates, last, rule, m, trs)
+    else:
+        y, sts = _run_chunks(sts, qs, ks, vs, dn, gates, last, rule, m, trs)
 
-    y = torch.cat(ys, dim=0).movedim(0, 1).flatten(1, 2)  # (n, G, T, D) -> (G, n T, D)
+    y = y.movedim(0, 1).flatten(1, 2)  # (n, G, T, D) -> (G, n T, D)
     y = y[:, :length].reshape(bsz, heads, length, -1).to(q.dtype)
     # The state is carried across pieces and checkpoint boundaries: copy it out so it does not
     # keep the per-chunk tensors it was sliced from alive (O(L) memory at 2M tokens).
