@@ -142,19 +142,6 @@ def _gelu_derivs(p: Tensor) -> tuple[Tensor, Tensor]:
     return slope, sq.neg_().add_(2.0).mul_(pdf)
 
 
-def _carry(mix: Tensor, st: Tensor, m: int) -> Tensor:
-    """`_mix` without autograd, elementwise: mix is [[β, c], [0, ε]] (or its transpose, in
-    backward), and a (G, 2, 2) @ (G, 2, d_in d_out) bmm runs at a fraction of memory speed."""
-    if m == 1:
-        return mix * st
-    out = torch.empty_like(st)
-    (x, s), (ox, os_) = (t.unflatten(-2, (2, -1)).unbind(-3) for t in (st, out))
-    coef = mix[..., None, None]  # (G, 2, 2, 1, 1)
-    torch.mul(x, coef[:, 0, 0], out=ox).addcmul_(s, coef[:, 0, 1])
-    torch.mul(s, coef[:, 1, 1], out=os_).addcmul_(x, coef[:, 1, 0])
-    return out
-
-
 def _add(acc: Tensor | None, x: Tensor | None) -> Tensor | None:
     """acc + x where either may be None (a zero gradient); may reuse acc's memory."""
     if x is None:
@@ -202,9 +189,7 @@ class _WriteL2(torch.autograd.Function):
             es[i - 1] = torch.bmm(deltas[i], ws[i].mT)
             deltas[i - 1] = es[i - 1] * slopes[i - 1]
         new = [
-            torch.baddbmm(
-                _carry(mix, st, m), *_update_operands(wh, zs[i], deltas[i], tr), alpha=-1.0
-            )
+            torch.baddbmm(_mix(mix, st, m), *_update_operands(wh, zs[i], deltas[i], tr), alpha=-1.0)
             for i, (st, tr) in enumerate(zip(sts, trs))
         ]
         ctx.trs, ctx.m, ctx.depth = trs, m, depth
@@ -242,18 +227,10 @@ class _WriteL2(torch.autograd.Function):
                 g_d[i], g_z[i] = _add(g_d[i], g_a), _add(g_z[i], g_v)
             else:
                 g_z[i], g_d[i] = _add(g_z[i], g_a), _add(g_d[i], g_v)
-            if m == 1:
-                g_sts[i] = mix * g
-                g_mix = _add(g_mix, (g * st).sum((-2, -1), keepdim=True))
-            else:
-                g_sts[i] = _carry(mix.mT, g, m)
-                g_mix = _add(
-                    g_mix,
-                    torch.bmm(
-                        g.unflatten(-2, (m, -1)).flatten(-2),
-                        st.unflatten(-2, (m, -1)).flatten(-2).mT,
-                    ),
-                )
+            # carry: new = mix @ [X; S] per (G, m, d_in d_out) view
+            g_sts[i] = _mix(mix.mT, g, m)
+            g_rows, st_rows = (t.unflatten(-2, (m, -1)).flatten(-2) for t in (g, st))
+            g_mix = _add(g_mix, torch.bmm(g_rows, st_rows.mT))
         # deltas[i-1] = e_i ⊙ gelu'(p_{i-1}), e_i = deltas[i] W_iᵀ (forward ran i = L-1 .. 1)
         g_s: list[Tensor | None] = [None] * (depth - 1)
         derivs = [_gelu_derivs(p) for p in ps]  # (slope, curvature) per hidden layer
