@@ -35,6 +35,7 @@ checkpoint=True, ~sqrt(n) states and one group of chunks at a time.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -539,22 +540,24 @@ def _group_operands(
     return co
 
 
+class _Chunks(NamedTuple):
+    """The op's inputs cut into chunks, (n, G, T, ...): q, k, v, Huber's delta (None for the other
+    biases) and the gates "th" (theta), "lk" (log keep) and "le" (log eta, with momentum)."""
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    dn: Tensor | None
+    gates: dict[str, Tensor]
+
+
 def _run_chunks(
-    sts: list[Tensor],
-    qs: Tensor,
-    ks: Tensor,
-    vs: Tensor,
-    dn: Tensor | None,
-    gates: dict[str, Tensor],
-    last: int,
-    rule: MemoryRule,
-    m: int,
-    trs: list[bool],
+    sts: list[Tensor], xs: _Chunks, last: int, rule: MemoryRule, m: int, trs: list[bool]
 ) -> tuple[Tensor, list[Tensor]]:
-    """Consecutive chunks (n, G, T, ...) (the unit a checkpoint recomputes): the writes walk
-    the chunks in order; every READ_GROUP chunks one batched read serves them all. gates:
-    chunked "th", "lk" (log keep) and "le" (log eta, with momentum), (n, G, T); `last`: the
-    final chunk's last real row. Returns y (n, G, T, Dout) and the state after the last chunk."""
+    """Consecutive chunks (the unit a checkpoint recomputes): the writes walk the chunks in
+    order; every READ_GROUP chunks one batched read serves them all. `last`: the final chunk's
+    last real row. Returns y (n, G, T, Dout) and the state after the last chunk."""
+    qs, ks, vs, dn, gates = xs
     num, groups, size = ks.shape[:3]
     depth = len(sts)
     n_groups = -(-num // READ_GROUP)
@@ -593,16 +596,7 @@ def _run_chunks(
 
 
 def _run_checkpointed(
-    sts: list[Tensor],
-    qs: Tensor,
-    ks: Tensor,
-    vs: Tensor,
-    dn: Tensor | None,
-    gates: dict[str, Tensor],
-    last: int,
-    rule: MemoryRule,
-    m: int,
-    trs: list[bool],
+    sts: list[Tensor], xs: _Chunks, last: int, rule: MemoryRule, m: int, trs: list[bool]
 ) -> tuple[Tensor, list[Tensor]]:
     """`_run_chunks` with checkpoint=True: groups of ~sqrt(n) chunks through `checkpointed_scan`,
     so backward keeps ~sqrt(n) boundary states and recomputes one group at a time (activation
@@ -614,20 +608,20 @@ def _run_checkpointed(
     the scan runs ends at row T-1; the final chunk, which may end early (`last`), runs after it
     with its graph kept (one chunk's activations).
     """
-    num, size = ks.shape[0], ks.shape[2]
-    parts = [qs, ks, vs, *(t.unsqueeze(-1) for t in ([] if dn is None else [dn]))]
-    parts += [g.unsqueeze(-1) for g in gates.values()]
+    num, size = xs.k.shape[0], xs.k.shape[2]
+    parts = [xs.q, xs.k, xs.v, *(t.unsqueeze(-1) for t in ([] if xs.dn is None else [xs.dn]))]
+    parts += [g.unsqueeze(-1) for g in xs.gates.values()]
     widths = [t.shape[-1] for t in parts]
     packed = torch.cat(parts, dim=-1).movedim(0, 1)  # (G, n, T, F): chunks on dim 1
 
-    def unpack(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor | None, dict[str, Tensor]]:
+    def unpack(x: Tensor) -> _Chunks:
         cols = [c.contiguous() for c in x.movedim(1, 0).split(widths, dim=-1)]
         rest = [c.squeeze(-1) for c in cols[3:]]
-        dn_x = rest.pop(0) if dn is not None else None
-        return cols[0], cols[1], cols[2], dn_x, dict(zip(gates, rest))
+        dn_x = rest.pop(0) if xs.dn is not None else None
+        return _Chunks(cols[0], cols[1], cols[2], dn_x, dict(zip(xs.gates, rest)))
 
     def step(x_j: Tensor, s_j: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
-        y_j, s_next = _run_chunks(s_j, *unpack(x_j), size - 1, rule, m, trs)
+        y_j, s_next = _run_chunks(s_j, unpack(x_j), size - 1, rule, m, trs)
         return y_j.movedim(0, 1), s_next
 
     ys = []
@@ -635,7 +629,7 @@ def _run_checkpointed(
         group = max(1, round(math.sqrt(num)))
         y_head, sts = checkpointed_scan(step, packed[:, :-1], sts, [], group)
         ys.append(y_head.movedim(1, 0))
-    y_tail, sts = _run_chunks(sts, *unpack(packed[:, -1:]), last, rule, m, trs)
+    y_tail, sts = _run_chunks(sts, unpack(packed[:, -1:]), last, rule, m, trs)
     return torch.cat([*ys, y_tail], dim=0), sts
 
 
@@ -696,9 +690,9 @@ def memory_chunked(
         dn = _to_chunks(flat(huber_delta), num, size, 1.0)
 
     if checkpoint and torch.is_grad_enabled():
-        y, sts = _run_checkpointed(sts, qs, ks, vs, dn, gates, last, rule, m, trs)
+        y, sts = _run_checkpointed(sts, _Chunks(qs, ks, vs, dn, gates), last, rule, m, trs)
     else:
-        y, sts = _run_chunks(sts, qs, ks, vs, dn, gates, last, rule, m, trs)
+        y, sts = _run_chunks(sts, _Chunks(qs, ks, vs, dn, gates), last, rule, m, trs)
 
     y = y.movedim(0, 1).flatten(1, 2)  # (n, G, T, D) -> (G, n T, D)
     y = y[:, :length].reshape(bsz, heads, length, -1).to(q.dtype)
