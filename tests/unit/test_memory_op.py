@@ -242,3 +242,33 @@ def test_dispatch_and_errors() -> None:
     kl2 = {**kw, "state": MemoryState((torch.zeros(H, 8, 16), torch.zeros(H, 16, 8)))}
     with pytest.raises(ValueError, match="depth 1"):
         memory_chunked(chunk_size=8, rule=MemoryRule(retention="kl"), **kl2)
+
+
+@pytest.mark.parametrize(("depth", "m"), [(1, 1), (1, 2), (2, 1), (2, 2), (3, 2)])
+def test_titans_write_backward_gradcheck(depth: int, m: int) -> None:
+    """The hand-written backward of one Titans write (`_WriteL2`) against finite differences in
+    float64: gradients w.r.t. keys, rv, the carry matrix, the per-token weights and every state,
+    through all outputs (hidden zs, deltas, new states). Layers wider than they are tall are
+    stored transposed (`_transposed`), so depth >= 2 covers both layouts. The gradients autograd
+    hands in must come back unmodified (the Function adds into its own buffers only)."""
+    from models.ops.memory.chunked import _transposed, _WriteL2
+
+    gen = torch.Generator().manual_seed(depth * 10 + m)
+    g, t, d, hidden = 2, 5, 3, 4
+    dims = [d] + [hidden] * (depth - 1) + [d]
+    shapes = list(zip(dims[:-1], dims[1:]))
+    trs = tuple(_transposed([torch.empty(a, b) for a, b in shapes], m, MemoryRule()))
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_()
+
+    sts = [rnd(g, m * b, a) if tr else rnd(g, m * a, b) for (a, b), tr in zip(shapes, trs)]
+    args = (rnd(g, t, d), rnd(g, t, d), rnd(g, m, m), rnd(g, t, m, 1), *sts)
+    assert torch.autograd.gradcheck(lambda *xs: _WriteL2.apply(trs, m, *xs), args)
+
+    outs = _WriteL2.apply(trs, m, *args)
+    grads = [torch.randn(o.shape, generator=gen, dtype=torch.float64) for o in outs]
+    kept = [gr.clone() for gr in grads]
+    torch.autograd.grad(outs, args, grads)
+    for gr, k in zip(grads, kept):
+        assert torch.equal(gr, k), "an incoming gradient was modified in place"

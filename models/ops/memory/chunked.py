@@ -143,11 +143,14 @@ def _gelu_derivs(p: Tensor) -> tuple[Tensor, Tensor]:
     return slope, sq.neg_().add_(2.0).mul_(pdf)
 
 
-def _add(acc: Tensor | None, x: Tensor | None) -> Tensor | None:
-    """acc + x where either may be None (a zero gradient); may reuse acc's memory."""
+def _add(acc: Tensor | None, x: Tensor | None, frozen: set[int]) -> Tensor | None:
+    """acc + x where either may be None (a zero gradient). Adds into acc's memory unless acc is
+    in `frozen` (the ids of the gradients autograd handed in: those are not ours to modify)."""
     if x is None:
         return acc
-    return x if acc is None else acc.add_(x)
+    if acc is None:
+        return x
+    return acc + x if id(acc) in frozen else acc.add_(x)
 
 
 class _WriteL2(torch.autograd.Function):
@@ -201,6 +204,7 @@ class _WriteL2(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:  # noqa: ANN001
         trs, m, depth = ctx.trs, ctx.m, ctx.depth
+        frozen = {id(g) for g in grads if g is not None}
         k, mix, wh, *rest = ctx.saved_tensors
         sts = rest[:depth]
         zs = [k, *rest[depth : 2 * depth - 1]]
@@ -223,15 +227,15 @@ class _WriteL2(torch.autograd.Function):
             g_u = torch.bmm(v_op, g.mT).neg_().unflatten(-1, (m, -1))  # (G, T, m, d_a)
             g_v = torch.bmm(u_op.mT, g).neg_()
             g_a = (g_u * wh).sum(-2)
-            g_wh = _add(g_wh, (g_u * a_op.unsqueeze(-2)).sum(-1, keepdim=True))
+            g_wh = _add(g_wh, (g_u * a_op.unsqueeze(-2)).sum(-1, keepdim=True), frozen)
             if tr:
-                g_d[i], g_z[i] = _add(g_d[i], g_a), _add(g_z[i], g_v)
+                g_d[i], g_z[i] = _add(g_d[i], g_a, frozen), _add(g_z[i], g_v, frozen)
             else:
-                g_z[i], g_d[i] = _add(g_z[i], g_a), _add(g_d[i], g_v)
+                g_z[i], g_d[i] = _add(g_z[i], g_a, frozen), _add(g_d[i], g_v, frozen)
             # carry: new = mix @ [X; S] per (G, m, d_in d_out) view
             g_sts[i] = _mix(mix.mT, g, m)
             g_rows, st_rows = (t.unflatten(-2, (m, -1)).flatten(-2) for t in (g, st))
-            g_mix = _add(g_mix, torch.bmm(g_rows, st_rows.mT))
+            g_mix = _add(g_mix, torch.bmm(g_rows, st_rows.mT), frozen)
         # deltas[i-1] = e_i ⊙ gelu'(p_{i-1}), e_i = deltas[i] W_iᵀ (forward ran i = L-1 .. 1)
         g_s: list[Tensor | None] = [None] * (depth - 1)
         derivs = [_gelu_derivs(p) for p in ps]  # (slope, curvature) per hidden layer
@@ -241,23 +245,23 @@ class _WriteL2(torch.autograd.Function):
                 continue
             g_e = gd * derivs[i - 1][0]
             g_s[i - 1] = gd * es[i - 1]
-            g_d[i] = _add(g_d[i], torch.bmm(g_e, ws[i]))
-            g_w[i] = _add(g_w[i], torch.bmm(g_e.mT, deltas[i]))
+            g_d[i] = _add(g_d[i], torch.bmm(g_e, ws[i]), frozen)
+            g_w[i] = _add(g_w[i], torch.bmm(g_e.mT, deltas[i]), frozen)
         # deltas[L-1] = r = rv + z_{L-1} W_{L-1}
         g_r = g_d[depth - 1]
         if g_r is not None:
-            g_z[depth - 1] = _add(g_z[depth - 1], torch.bmm(g_r, ws[-1].mT))
-            g_w[-1] = _add(g_w[-1], torch.bmm(zs[-1].mT, g_r))
+            g_z[depth - 1] = _add(g_z[depth - 1], torch.bmm(g_r, ws[-1].mT), frozen)
+            g_w[-1] = _add(g_w[-1], torch.bmm(zs[-1].mT, g_r), frozen)
         # z_{i+1} = gelu(p_i), p_i = z_i W_i
         for i in range(depth - 2, -1, -1):
             slope, curv = derivs[i]
             g_p = None if g_z[i + 1] is None else g_z[i + 1] * slope
             if g_s[i] is not None:
-                g_p = _add(g_p, curv.mul_(g_s[i]))
+                g_p = _add(g_p, curv.mul_(g_s[i]), frozen)
             if g_p is None:
                 continue
-            g_z[i] = _add(g_z[i], torch.bmm(g_p, ws[i].mT))
-            g_w[i] = _add(g_w[i], torch.bmm(zs[i].mT, g_p))
+            g_z[i] = _add(g_z[i], torch.bmm(g_p, ws[i].mT), frozen)
+            g_w[i] = _add(g_w[i], torch.bmm(zs[i].mT, g_p), frozen)
         for i, (st, tr) in enumerate(zip(sts, trs)):
             if g_w[i] is None:
                 continue
