@@ -150,7 +150,11 @@ def _add(acc: Tensor | None, x: Tensor | None, frozen: set[int]) -> Tensor | Non
         return acc
     if acc is None:
         return x
-    return acc + x if id(acc) in frozen else acc.add_(x)
+    if id(acc) not in frozen:
+        return acc.add_(x)
+    if id(x) not in frozen and x.shape == acc.shape:
+        return x.add_(acc)
+    return acc + x
 
 
 class _WriteL2(torch.autograd.Function):
