@@ -227,9 +227,8 @@ class _WriteL2(torch.autograd.Function):
             if g is None:
                 continue
             a_op, v_op = (deltas[i], zs[i]) if tr else (zs[i], deltas[i])
-            u_op, _ = _update_operands(wh, a_op, v_op, False)
             g_u = torch.bmm(v_op, g.mT).neg_().unflatten(-1, (m, -1))  # (G, T, m, d_a)
-            g_v = torch.bmm(u_op.mT, g).neg_()
+            g_v = torch.bmm(_scale_rows(wh, a_op), g).neg_()
             g_a = (g_u * wh).sum(-2)
             g_wh = _add(g_wh, (g_u * a_op.unsqueeze(-2)).sum(-1, keepdim=True), frozen)
             if tr:
