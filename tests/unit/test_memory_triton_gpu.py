@@ -36,3 +36,22 @@ def test_triton_matches_chunked_on_gpu(dims, momentum, chunk):
     finally:
         torch.backends.cuda.matmul.allow_tf32 = prev
     _check(ref, out, GPU_TOL)
+
+
+@pytest.mark.gpu
+def test_triton_bf16_dots_on_gpu():
+    """precision="bf16" compiled (real bf16 tensor-core dots, fp32 accumulation) against the
+    fp32 chunked form at the Titans memory's shape: within the interpreter test's tolerance."""
+    from models.ops.memory.triton import memory_triton
+    from tests.unit.test_memory_triton import BF16_DOTS_TOL
+
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        rule = MemoryRule()
+        kw, names = _inputs(300, 4, [64, 256, 64], True, device="cuda")
+        ref = _run(memory_chunked, kw, names, 64, rule)
+        out = _run(memory_triton, kw, names, 64, rule, precision="bf16")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+    _check(ref, out, BF16_DOTS_TOL)

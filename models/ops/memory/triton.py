@@ -48,13 +48,18 @@ def _pow2(n: int, cap: int | None = None) -> int:
     return tile if cap is None else min(tile, max(16, cap))
 
 
-def _shrinking(launch: Callable[[int], None], tile: int) -> int:
+# kernel name -> the tile it last ran with (benchmarks/memory_triton_tiles.py reports it)
+LAUNCHED: dict[str, int] = {}
+
+
+def _shrinking(launch: Callable[[int], None], tile: int, name: str) -> int:
     """Run `launch(tile)`; when the kernel needs more shared memory than this GPU has, halve
     the tile (down to 16) and retry. Why: what fits differs by GPU and Triton version (an H100
     refused the default pipelining at BT = BV = 64); returns the tile that ran."""
     while True:
         try:
             launch(tile)
+            LAUNCHED[name] = tile
             return tile
         except OutOfResources:
             if tile <= 16:
@@ -88,7 +93,7 @@ class _LinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, cfg, q, k, v, theta, alpha, eta, w0, s0):  # noqa: ANN001
-        chunk, block_v, prec = cfg
+        chunk, block_v, prec, warps = cfg
         G, L, DK = q.shape
         DV = v.shape[-1]
         NT = triton.cdiv(L, chunk)
@@ -105,10 +110,11 @@ class _LinearFn(torch.autograd.Function):
         def launch(bv: int) -> None:
             _lin_fwd_kernel[(triton.cdiv(DV, bv), G)](
                 q, k, v, theta, lk, le if mom else lk, ws, ss, y, L, NT, chunk,
-                DK=DK, DV=DV, BT=BT, BK=BK, BV=bv, MOM=mom, PREC=prec, num_warps=4, num_stages=1,
+                DK=DK, DV=DV, BT=BT, BK=BK, BV=bv, MOM=mom, PREC=prec, num_warps=warps[0],
+                num_stages=warps[1],
             )  # fmt: skip
 
-        BV = _shrinking(launch, BV)
+        BV = _shrinking(launch, BV, "lin_fwd")
         ctx.save_for_backward(q, k, v, theta, alpha, eta, lk, le, ws, ss)
         ctx.cfg, ctx.tiles = cfg, (BT, BK, BV)
         if not mom:
@@ -118,7 +124,7 @@ class _LinearFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, dwe, dse=None):  # noqa: ANN001
         q, k, v, theta, alpha, eta, lk, le, ws, ss = ctx.saved_tensors
-        chunk, _, prec = ctx.cfg
+        chunk, _, prec, warps = ctx.cfg
         BT, BK, BV = ctx.tiles
         G, L, DK = q.shape
         DV = v.shape[-1]
@@ -139,11 +145,12 @@ class _LinearFn(torch.autograd.Function):
             _lin_bwd_kernel[(nv, G)](
                 q, k, v, theta, lk, le if mom else lk, ws, ss, dy, dwe, dse,
                 dq, dk, dv, dth, dlk, dle, dw0, ds0, G, L, NT, chunk,
-                DK=DK, DV=DV, BT=BT, BK=BK, BV=bv, MOM=mom, PREC=prec, num_warps=8, num_stages=1,
+                DK=DK, DV=DV, BT=BT, BK=BK, BV=bv, MOM=mom, PREC=prec, num_warps=warps[2],
+                num_stages=warps[1],
             )  # fmt: skip
 
         dq = dk = dth = dlk = dle = q
-        _shrinking(launch, BV)
+        _shrinking(launch, BV, "lin_bwd")
         dalpha, deta = _gate_grads(alpha, eta, dlk.sum(0), dle.sum(0) if mom else None)
         return (
             None, dq.sum(0), dk.sum(0), dv, dth.sum(0), dalpha, deta, dw0, ds0 if mom else None
@@ -155,7 +162,7 @@ class _MLPFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, cfg, q, k, v, theta, alpha, eta, w1, w2, s1, s2):  # noqa: ANN001
-        chunk, block_n, prec, residual = cfg
+        chunk, block_n, prec, residual, warps = cfg
         G, L, DK = q.shape
         DN, DV = w1.shape[-1], v.shape[-1]
         NT = triton.cdiv(L, chunk)
@@ -174,10 +181,10 @@ class _MLPFn(torch.autograd.Function):
             _mlp_fwd_kernel[(G,)](
                 q, k, v, theta, lk, le if mom else lk, w1s, w2s, s1s, s2s, y, L, NT, chunk,
                 DK=DK, DN=DN, DV=DV, **{**tiles, "BN": bn}, MOM=mom, RESIDUAL=residual,
-                PREC=prec, num_warps=8, num_stages=1,
+                PREC=prec, num_warps=warps[0], num_stages=warps[1],
             )  # fmt: skip
 
-        tiles["BN"] = _shrinking(launch, tiles["BN"])
+        tiles["BN"] = _shrinking(launch, tiles["BN"], "mlp_fwd")
         ctx.save_for_backward(q, k, v, theta, alpha, eta, lk, le, w1s, w2s, s1s, s2s)
         ctx.cfg, ctx.tiles = cfg, tiles
         out = (y, w1s[:, NT].clone(), w2s[:, NT].clone())
@@ -186,7 +193,7 @@ class _MLPFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, dw1e, dw2e, ds1e=None, ds2e=None):  # noqa: ANN001
         q, k, v, theta, alpha, eta, lk, le, w1s, w2s, s1s, s2s = ctx.saved_tensors
-        chunk, _, prec, residual = ctx.cfg
+        chunk, _, prec, residual, warps = ctx.cfg
         G, L, DK = q.shape
         DN, DV = w1s.shape[-1], v.shape[-1]
         NT = triton.cdiv(L, chunk)
@@ -209,10 +216,10 @@ class _MLPFn(torch.autograd.Function):
                 q, k, v, theta, lk, le if mom else lk, w1s, w2s, s1s, s2s, dy,
                 dw1, dw2, ds1, ds2, dq, dk, dv, dth, dlk, dle, L, NT, chunk,
                 DK=DK, DN=DN, DV=DV, **{**ctx.tiles, "BN": bn}, MOM=mom, RESIDUAL=residual,
-                PREC=prec, num_warps=8, num_stages=1,
+                PREC=prec, num_warps=warps[2], num_stages=warps[1],
             )  # fmt: skip
 
-        _shrinking(launch, ctx.tiles["BN"])
+        _shrinking(launch, ctx.tiles["BN"], "mlp_bwd")
         dalpha, deta = _gate_grads(alpha, eta, dlk, dle if mom else None)
         slot = NT % 2
         ds = (ds1[:, slot], ds2[:, slot]) if mom else (None, None)
@@ -254,6 +261,9 @@ def memory_triton(
     *,
     block_v: int = 64,
     block_n: int = 32,
+    num_warps: tuple[int, int] | None = None,
+    num_stages: int = 1,
+    precision: str | None = None,
 ) -> tuple[Tensor, MemoryState]:
     """Chunked neural-memory write + retrieve in Triton; same contract as `memory_chunked`.
 
@@ -281,12 +291,18 @@ def memory_triton(
     args = [flat(t) for t in (q, k, v, theta, alpha)] + [None if eta is None else flat(eta)]
     xs = [flat(x) for x in st.weights]
     ss = [flat(s) for s in st.momentum] if st.momentum is not None else [None] * len(xs)
-    prec = _precision(q.dtype)
+    if precision not in (None, "ieee", "tf32", "bf16"):
+        raise ValueError(f"precision must be 'ieee', 'tf32' or 'bf16', got {precision!r}")
+    prec = precision or _precision(q.dtype)
+    if prec == "bf16" and _INTERPRETED:
+        prec = "bf16_emulated"  # see triton_kernels._mm
+    fwd_w, bwd_w = num_warps or ((4, 8) if len(xs) == 1 else (8, 8))
+    launch = (fwd_w, num_stages, bwd_w)
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
         if len(xs) == 1:
-            out = _LinearFn.apply((chunk_size, block_v, prec), *args, xs[0], ss[0])
+            out = _LinearFn.apply((chunk_size, block_v, prec, launch), *args, xs[0], ss[0])
         else:
-            cfg = (chunk_size, block_n, prec, rule.residual)
+            cfg = (chunk_size, block_n, prec, rule.residual, launch)
             out = _MLPFn.apply(cfg, *args, *xs, *ss)
     y, states = out[0], out[1:]
     unflat = lambda t: t.reshape(bsz, heads, *t.shape[1:])

@@ -29,7 +29,32 @@ import triton.language as tl
 
 @triton.jit
 def _mm(a, b, PREC: tl.constexpr):
-    return tl.dot(a, b, input_precision=PREC)
+    """fp32-accumulated dot; PREC "ieee" / "tf32" round fp32 operands as named, "bf16" casts
+    them to bf16 first (twice the tensor-core rate of TF32; opt-in, see memory_triton).
+    "bf16_emulated" is the same rounding through an fp32 dot: Triton 3.9's interpreter
+    returns garbage from bf16 dots, so the host asks for it there."""
+    # one return after the branches: the compiler also builds the code after an early return
+    # under a constexpr `if`, and tl.dot rejects input_precision="bf16" there
+    if PREC == "bf16":
+        out = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    elif PREC == "bf16_emulated":
+        a16, b16 = a.to(tl.bfloat16).to(tl.float32), b.to(tl.bfloat16).to(tl.float32)
+        out = tl.dot(a16, b16, input_precision="ieee")
+    else:
+        out = tl.dot(a, b, input_precision=PREC)
+    return out
+
+
+@triton.jit
+def _mm_coef(a, b, PREC: tl.constexpr):
+    """Dots of decay / momentum coefficients: never rounded to bf16 (products of gates)."""
+    if PREC == "bf16":
+        out = tl.dot(a, b, input_precision="tf32")
+    elif PREC == "bf16_emulated":
+        out = tl.dot(a, b, input_precision="ieee")
+    else:
+        out = tl.dot(a, b, input_precision=PREC)
+    return out
 
 
 @triton.jit
@@ -66,7 +91,7 @@ def _coefs(th_p, lk_p, le_p, n_t, BT: tl.constexpr, MOM: tl.constexpr, PREC: tl.
         le = tl.load(le_p + o_t, mask=m_t, other=0.0)
         eps = tl.exp(tl.cumsum(le, axis=0))
         emat = tl.where(low, tl.exp(tl.cumsum(tl.where(strict, le[:, None], 0.0), axis=0)), 0.0)
-        fmat = _mm(amat, emat, PREC)
+        fmat = _mm_coef(amat, emat, PREC)
         cvec = tl.sum(amat * eps[None, :], axis=1)
     else:
         eps, emat, fmat, cvec = beta, amat, amat, beta * 0.0
@@ -97,8 +122,8 @@ def _coefs_bwd(
     if MOM:
         e_n = tl.sum(tl.where(is_n[:, None], emat, 0.0), axis=0)
         dth += dh * e_n
-        da = _mm(dfm, tl.trans(emat), PREC) + dcvec[:, None] * eps[None, :]
-        de = _mm(tl.trans(amat), dfm, PREC) + tl.where(is_n[:, None], (dh * th)[None, :], 0.0)
+        da = _mm_coef(dfm, tl.trans(emat), PREC) + dcvec[:, None] * eps[None, :]
+        de = _mm_coef(tl.trans(amat), dfm, PREC) + tl.where(is_n[:, None], (dh * th)[None, :], 0.0)
         deps = tl.sum(amat * dcvec[:, None], axis=0) + tl.where(is_n, deps_n, 0.0)
         re = de * emat
         dce = deps * eps + tl.sum(re, axis=1) - tl.sum(re, axis=0)
