@@ -1,16 +1,17 @@
 """Launch settings of the depth-2 neural-memory Triton kernels, swept on a GPU.
 
-Why: the MLP kernels run one program per (batch, head) and walk the chunks in order, so a
-step's time is one SM's latency per chunk; the hidden tile (BN), the warps and the pipelining
-stages set that latency, and what is best differs by GPU and Triton version. Each setting is
-timed (fwd + bwd, CUDA events, median) beside the shipped default (BN 32, 8 warps, 1 stage,
-TF32 dots) as a ratio, with its output's rel-RMS difference from the default's (a fast setting
-that computes something else, or bf16 dots' rounding, shows here). Settings compile in
-parallel subprocesses first (Triton's on-disk cache), so the sweep costs about one compile of
-wall time. Needs CUDA.
+Why: the chunks are walked in order, so a step's time is the latency of one chunk times their
+number: one program per (batch, head) walking the hidden tiles ("walk"), or a program per
+hidden tile with a few launches per chunk ("split"); the tile (BN), warps, pipelining stages
+and dot precision set that latency, and what is best differs by GPU and Triton version.
+Each setting is timed (fwd + bwd, CUDA events, median) beside the first one as a ratio, with
+its output's rel-RMS difference from the first's (a fast setting that computes something
+else shows here). Settings compile in parallel subprocesses first
+(Triton's on-disk cache), so the sweep costs about one compile of wall time. Needs CUDA.
 
     python benchmarks/memory_triton_tiles.py                      # benchmark config, L 8k
-    python benchmarks/memory_triton_tiles.py --lengths 2k,32k --settings 32/8/1/tf32,64/4/2/tf32
+    python benchmarks/memory_triton_tiles.py --lengths 2k,32k \
+        --settings 32/8/1/tf32/walk,32/4/1/tf32/split
 """
 
 from __future__ import annotations
@@ -27,10 +28,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 HEADS, HEAD_DIM, HIDDEN, CHUNK = 4, 64, 256, 64  # memory_vs_titans_pytorch.py's config
-# (BN, warps, stages, dot precision); the first is memory_triton's default for bf16 inputs
+# BN/warps/stages/dot precision/kernel ("walk": a program per (batch, head) walks the hidden
+# tiles; "split": a program per hidden tile). The first row is the baseline of the ratios.
+# An H100 (session 2026-11-26) gave the walking kernel the same time at BN 32 / 64 / 128 and
+# ran its backward at BN 16 (shared memory): its time is latency, not tile size.
 DEFAULT_SETTINGS = (
-    "32/8/1/tf32,64/8/1/tf32,128/8/1/tf32,32/4/1/tf32,64/4/1/tf32,128/4/1/tf32,"
-    "32/8/2/tf32,64/8/2/tf32,64/4/2/tf32,32/8/1/bf16,64/8/1/bf16,64/4/1/bf16"
+    "32/8/1/tf32/walk,32/8/1/tf32/split,32/4/1/tf32/split,16/4/1/tf32/split,"
+    "16/8/1/tf32/split,64/8/1/tf32/split,32/4/2/tf32/split"
 )
 
 
@@ -63,30 +67,36 @@ def inputs(length: int, dtype: torch.dtype, seed: int = 0, device: str = "cuda")
     }
 
 
-def parse_settings(text: str) -> list[tuple[int, int, int, str]]:
+Setting = tuple[int, int, int, str, str]
+
+
+def parse_settings(text: str) -> list[Setting]:
     out = []
     for item in text.split(","):
-        bn, warps, stages, prec = item.split("/")
-        out.append((int(bn), int(warps), int(stages), prec))
+        bn, warps, stages, prec, kernel = item.split("/")
+        if kernel not in ("walk", "split"):
+            raise SystemExit(f"setting {item!r}: kernel must be 'walk' or 'split', got {kernel!r}")
+        out.append((int(bn), int(warps), int(stages), prec, kernel))
     return out
 
 
-def step(kw: dict, setting: tuple[int, int, int, str]) -> torch.Tensor:
+def step(kw: dict, setting: Setting) -> torch.Tensor:
     """One forward + backward with these launch settings; returns y (detached)."""
     from models.ops.memory.triton import memory_triton
 
-    bn, warps, stages, prec = setting
+    bn, warps, stages, prec, kernel = setting
     for name in ("q", "k", "v", "theta", "alpha", "eta"):
         kw[name].grad = None
     y, st = memory_triton(
         kw["q"], kw["k"], kw["v"], kw["theta"], kw["alpha"], kw["eta"], kw["state"], CHUNK,
         block_n=bn, num_warps=(warps, warps), num_stages=stages, precision=prec,
+        split=kernel == "split",
     )  # fmt: skip
     (y.float().square().mean() + sum(w.square().mean() for w in st.weights)).backward()
     return y.detach().float()
 
 
-def compile_one(setting: tuple[int, int, int, str], dtype: torch.dtype) -> str:
+def compile_one(setting: Setting, dtype: torch.dtype) -> str:
     """Child process: compile this setting into Triton's disk cache (a short run)."""
     try:
         step(inputs(2 * CHUNK + 7, dtype), setting)
@@ -96,7 +106,7 @@ def compile_one(setting: tuple[int, int, int, str], dtype: torch.dtype) -> str:
         return f"{type(exc).__name__}: {str(exc).splitlines()[0][:100]}"
 
 
-def time_setting(kw: dict, setting: tuple, iters: int) -> tuple[float, torch.Tensor]:
+def time_setting(kw: dict, setting: Setting, iters: int) -> tuple[float, torch.Tensor]:
     """Median ms of fwd + bwd after two warm-up calls, and the output."""
     from models.ops.memory import triton as tm
 
@@ -111,7 +121,8 @@ def time_setting(kw: dict, setting: tuple, iters: int) -> tuple[float, torch.Ten
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
-    ran = (tm.LAUNCHED.get("mlp_fwd"), tm.LAUNCHED.get("mlp_bwd"))
+    names = ("mlp_split_fwd", "mlp_split_bwd") if setting[4] == "split" else ("mlp_fwd", "mlp_bwd")
+    ran = tuple(tm.LAUNCHED.pop(n, None) for n in names)
     if ran != (setting[0], setting[0]):
         print(f"    note: {setting} ran with BN (fwd, bwd) = {ran} (shared-memory fallback)")
     return statistics.median(times), y
@@ -120,7 +131,7 @@ def time_setting(kw: dict, setting: tuple, iters: int) -> tuple[float, torch.Ten
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--lengths", default="8k", help="comma-separated, e.g. 2k,8k,32k")
-    ap.add_argument("--settings", default=DEFAULT_SETTINGS, help="BN/warps/stages/precision,...")
+    ap.add_argument("--settings", default=DEFAULT_SETTINGS, help="BN/warps/stages/dots/kernel,...")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--jobs", type=int, default=8, help="parallel compile processes")
@@ -155,13 +166,13 @@ def main() -> None:
     if a.compile_only:
         return
     print(f"first row = the baseline of the ratios: {settings[0]}")
-    print("| L | BN | warps | stages | dots | ms fwd+bwd | tok/s | vs first | rel-RMS y |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| L | BN | warps | stages | dots | kernel | ms fwd+bwd | tok/s | vs first | rel-RMS y |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for length in parse_lengths(a.lengths):
         kw = inputs(length, dtype)
         base_ms, base_y = None, None
         for s in settings:
-            cells = f"| {length} | {s[0]} | {s[1]} | {s[2]} | {s[3]} |"
+            cells = "| " + " | ".join(map(str, (length, *s))) + " |"
             if status[s] != "ok":
                 print(f"{cells} {status[s]} | | | |")
                 continue

@@ -18,11 +18,16 @@ GPU_TOL = 1e-4
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    "dims,momentum,chunk",
-    [([64, 64], True, 64), ([128, 128], False, 32), ([64, 256, 64], True, 64)],
-    ids=["linear-64-mom", "linear-128", "mlp-64x256-mom"],
+    "dims,momentum,chunk,split",
+    [
+        ([64, 64], True, 64, False),
+        ([128, 128], False, 32, False),
+        ([64, 256, 64], True, 64, False),
+        ([64, 256, 64], True, 64, True),
+    ],
+    ids=["linear-64-mom", "linear-128", "mlp-64x256-mom", "mlp-64x256-mom-split"],
 )
-def test_triton_matches_chunked_on_gpu(dims, momentum, chunk):
+def test_triton_matches_chunked_on_gpu(dims, momentum, chunk, split):
     from models.ops.memory.triton import _INTERPRETED, memory_triton
 
     assert not _INTERPRETED, "compiled kernels expected on a CUDA machine"
@@ -32,26 +37,7 @@ def test_triton_matches_chunked_on_gpu(dims, momentum, chunk):
         rule = MemoryRule()
         kw, names = _inputs(300, 4, dims, momentum, device="cuda")
         ref = _run(memory_chunked, kw, names, chunk, rule)
-        out = _run(memory_triton, kw, names, chunk, rule)
+        out = _run(memory_triton, kw, names, chunk, rule, split=split)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = prev
     _check(ref, out, GPU_TOL)
-
-
-@pytest.mark.gpu
-def test_triton_bf16_dots_on_gpu():
-    """precision="bf16" compiled (real bf16 tensor-core dots, fp32 accumulation) against the
-    fp32 chunked form at the Titans memory's shape: within the interpreter test's tolerance."""
-    from models.ops.memory.triton import memory_triton
-    from tests.unit.test_memory_triton import BF16_DOTS_TOL
-
-    prev = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        rule = MemoryRule()
-        kw, names = _inputs(300, 4, [64, 256, 64], True, device="cuda")
-        ref = _run(memory_chunked, kw, names, 64, rule)
-        out = _run(memory_triton, kw, names, 64, rule, precision="bf16")
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = prev
-    _check(ref, out, BF16_DOTS_TOL)

@@ -30,6 +30,11 @@ from models.ops.memory.triton_kernels import (
     _lin_fwd_kernel,
     _mlp_bwd_kernel,
     _mlp_fwd_kernel,
+    _mlp_part_kernel,
+    _mlp_split_bwd_out_kernel,
+    _mlp_split_bwd_state_kernel,
+    _mlp_split_bwd_sum_kernel,
+    _mlp_split_fwd_kernel,
 )
 
 MAX_DIM = 128  # DK and DV live whole in one tile (a DK x BV state tile, BT x DK key tiles)
@@ -226,6 +231,110 @@ class _MLPFn(torch.autograd.Function):
         return None, dq, dk, dv, dth, dalpha, deta, dw1[:, slot], dw2[:, slot], *ds
 
 
+class _MLPSplitFn(torch.autograd.Function):
+    """Depth-2 memory with the hidden width split across programs (grid (S, G)): a few
+    launches per chunk instead of one program walking every tile (triton_kernels.py, "split").
+    Same contract, saved tensors and dstate ping-pong as _MLPFn."""
+
+    @staticmethod
+    def forward(ctx, cfg, q, k, v, theta, alpha, eta, w1, w2, s1, s2):  # noqa: ANN001
+        chunk, block_n, prec, residual, warps = cfg
+        G, L, DK = q.shape
+        DN, DV = w1.shape[-1], v.shape[-1]
+        NT = triton.cdiv(L, chunk)
+        mom = eta is not None
+        lk, le = _log_gates(alpha, eta)
+        w1s, w2s = q.new_empty(G, NT + 1, DK, DN), q.new_empty(G, NT + 1, DN, DV)
+        w1s[:, 0], w2s[:, 0] = w1, w2
+        s1s, s2s = w1s, w2s
+        if mom:
+            s1s, s2s = q.new_empty(G, NT + 1, DK, DN), q.new_empty(G, NT + 1, DN, DV)
+            s1s[:, 0], s2s[:, 0] = s1, s2
+        y = q.new_empty(G, L, DV)
+        BT, BK, BV = _pow2(chunk), _pow2(DK), _pow2(DV)
+        tiles = dict(DK=DK, DN=DN, DV=DV, BT=BT, BK=BK, BV=BV, PREC=prec, RESIDUAL=residual)
+
+        def launch(bn: int) -> None:
+            S = triton.cdiv(DN, bn)
+            pd, yp = q.new_zeros(G, S, BT, BV), q.new_zeros(G, S, BT, BV)
+            kw = dict(tiles, BN=bn, num_warps=warps[0], num_stages=warps[1])
+            for i_c in range(NT + 1):  # the last launch only sums chunk NT - 1's y
+                _mlp_part_kernel[(S, G)](
+                    q, k, w1s, w2s, pd, yp, y, L, NT, chunk, i_c, S, REDUCE_Y=True, **kw
+                )
+                if i_c < NT:
+                    _mlp_split_fwd_kernel[(S, G)](
+                        q, k, v, theta, lk, le if mom else lk, w1s, w2s, s1s, s2s, pd, yp,
+                        L, NT, chunk, i_c, S, MOM=mom, **kw,
+                    )  # fmt: skip
+
+        bn = _shrinking(launch, _pow2(DN, block_n), "mlp_split_fwd")
+        ctx.save_for_backward(q, k, v, theta, alpha, eta, lk, le, w1s, w2s, s1s, s2s)
+        ctx.cfg, ctx.tiles = cfg, dict(tiles, BN=bn)
+        out = (y, w1s[:, NT].clone(), w2s[:, NT].clone())
+        return out + ((s1s[:, NT].clone(), s2s[:, NT].clone()) if mom else ())
+
+    @staticmethod
+    def backward(ctx, dy, dw1e, dw2e, ds1e=None, ds2e=None):  # noqa: ANN001
+        q, k, v, theta, alpha, eta, lk, le, w1s, w2s, s1s, s2s = ctx.saved_tensors
+        chunk, _, prec, residual, warps = ctx.cfg
+        G, L, DK = q.shape
+        DN, DV = w1s.shape[-1], v.shape[-1]
+        NT = triton.cdiv(L, chunk)
+        mom = eta is not None
+        le = le if mom else lk
+        tiles = ctx.tiles
+        BT, BK, BV = tiles["BT"], tiles["BK"], tiles["BV"]
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        dth, dlk = torch.empty_like(theta), torch.empty_like(theta)
+        dle = torch.empty_like(theta) if mom else dlk
+        dy = dy.contiguous()
+        slots: list[Tensor] = []
+
+        def launch(bn: int) -> None:
+            # from scratch on every try: a refused launch leaves the seeded slot 0 unread-over
+            dw1, dw2 = q.new_empty(G, 2, DK, DN), q.new_empty(G, 2, DN, DV)
+            dw1[:, 0], dw2[:, 0] = dw1e, dw2e
+            ds1, ds2 = dw1, dw2
+            if mom:
+                ds1, ds2 = q.new_empty(G, 2, DK, DN), q.new_empty(G, 2, DN, DV)
+                ds1[:, 0], ds2[:, 0] = ds1e, ds2e
+            slots[:] = [dw1, dw2, ds1, ds2]
+            S = triton.cdiv(DN, bn)
+            pd, dd2p = q.new_zeros(G, S, BT, BV), q.new_zeros(G, S, BT, BV)
+            g2p, hdp = q.new_zeros(G, S, BT, BT), q.new_zeros(G, S, BT, BT)
+            dqp, dkp = q.new_zeros(G, S, BT, BK), q.new_zeros(G, S, BT, BK)
+            vp = q.new_zeros(G, S, 8, BT)
+            kw = dict(tiles, BN=bn, num_warps=warps[2], num_stages=warps[1])
+            rows = (q, k, v, theta, lk, le)
+            states = (w1s, w2s, s1s, s2s, dy, dw1, dw2, ds1, ds2)
+            for i_r in range(NT):
+                i_c = NT - 1 - i_r
+                _mlp_part_kernel[(S, G)](
+                    q, k, w1s, w2s, pd, pd, q, L, NT, chunk, i_c, S, REDUCE_Y=False, **kw
+                )
+                _mlp_split_bwd_sum_kernel[(S, G)](
+                    *rows, *states, pd, g2p, hdp, dd2p, dqp, dkp, vp,
+                    L, NT, chunk, i_c, i_r, S, MOM=mom, **kw,
+                )  # fmt: skip
+                _mlp_split_bwd_state_kernel[(S, G)](
+                    *rows, *states, pd, g2p, dd2p, dkp, L, NT, chunk, i_c, i_r, S, MOM=mom, **kw
+                )
+                out_kw = {n: kw[n] for n in ("DK", "DV", "BT", "BK", "BV", "PREC", "RESIDUAL")}
+                _mlp_split_bwd_out_kernel[(1, G)](
+                    q, k, v, theta, lk, le, dy, pd, g2p, hdp, dd2p, dqp, dkp, vp,
+                    dq, dk, dv, dth, dlk, dle, L, NT, chunk, i_c, S, MOM=mom, **out_kw,
+                    num_warps=warps[2], num_stages=warps[1],
+                )  # fmt: skip
+
+        _shrinking(launch, tiles["BN"], "mlp_split_bwd")
+        dw1, dw2, ds1, ds2 = slots
+        dalpha, deta = _gate_grads(alpha, eta, dlk, dle if mom else None)
+        slot = NT % 2
+        ds = (ds1[:, slot], ds2[:, slot]) if mom else (None, None)
+        return None, dq, dk, dv, dth, dalpha, deta, dw1[:, slot], dw2[:, slot], *ds
+
+
 def unsupported_reason(q: Tensor, v: Tensor, state: MemoryState, rule: MemoryRule) -> str | None:
     """Why the Triton path cannot run these arguments (None when it can); "auto" falls back."""
     if rule.attn_bias != "l2" or rule.retention != "l2":
@@ -264,6 +373,7 @@ def memory_triton(
     num_warps: tuple[int, int] | None = None,
     num_stages: int = 1,
     precision: str | None = None,
+    split: bool | None = None,
 ) -> tuple[Tensor, MemoryState]:
     """Chunked neural-memory write + retrieve in Triton; same contract as `memory_chunked`.
 
@@ -271,6 +381,14 @@ def memory_triton(
     path already keeps only chunk-start states for backward. The kernels compute in fp32 (TF32
     dots for bf16/fp16 q); y comes back in q's dtype and the state in fp32. block_v caps the
     depth-1 Dout tile, block_n the depth-2 hidden tile (tests lower them to get several tiles).
+    num_warps (forward, backward; default (4, 8) at depth 1, (8, 8) at depth 2) and num_stages
+    are launch settings (benchmarks/memory_triton_tiles.py sweeps them on a GPU). precision
+    overrides the dots' operand rounding ("ieee" or "tf32"; default: ieee for fp32 q, tf32
+    otherwise); accumulation and the state stay fp32 either way. (bf16 dot operands were
+    tried: Triton 3.6 kernels with them hit illegal memory accesses on an H100.)
+    split (depth 2): a program per (hidden tile, batch, head) and six launches per chunk, not
+    one program per (batch, head) walking the tiles; None = split on CUDA while B·H is below
+    the GPU's SM count (an H100 at B·H = 4 ran 1.9-3.3x faster split).
     """
     del huber_delta, checkpoint
     rule.check(state.weights)
@@ -291,11 +409,12 @@ def memory_triton(
     args = [flat(t) for t in (q, k, v, theta, alpha)] + [None if eta is None else flat(eta)]
     xs = [flat(x) for x in st.weights]
     ss = [flat(s) for s in st.momentum] if st.momentum is not None else [None] * len(xs)
-    if precision not in (None, "ieee", "tf32", "bf16"):
-        raise ValueError(f"precision must be 'ieee', 'tf32' or 'bf16', got {precision!r}")
+    if precision not in (None, "ieee", "tf32"):
+        raise ValueError(f"precision must be 'ieee' or 'tf32', got {precision!r}")
     prec = precision or _precision(q.dtype)
-    if prec == "bf16" and _INTERPRETED:
-        prec = "bf16_emulated"  # see triton_kernels._mm
+    if split is None:
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 0
+        split = groups < sms
     fwd_w, bwd_w = num_warps or ((4, 8) if len(xs) == 1 else (8, 8))
     launch = (fwd_w, num_stages, bwd_w)
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
@@ -303,7 +422,7 @@ def memory_triton(
             out = _LinearFn.apply((chunk_size, block_v, prec, launch), *args, xs[0], ss[0])
         else:
             cfg = (chunk_size, block_n, prec, rule.residual, launch)
-            out = _MLPFn.apply(cfg, *args, *xs, *ss)
+            out = (_MLPSplitFn if split else _MLPFn).apply(cfg, *args, *xs, *ss)
     y, states = out[0], out[1:]
     unflat = lambda t: t.reshape(bsz, heads, *t.shape[1:])
     y = unflat(y).to(q.dtype)
