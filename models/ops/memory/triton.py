@@ -162,34 +162,103 @@ class _LinearFn(torch.autograd.Function):
         )  # fmt: skip
 
 
+def _chunk_states(
+    w1: Tensor, w2: Tensor, s1: Tensor | None, s2: Tensor | None, nt: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(G, NT + 1, ...) buffers of every chunk-start state, slot 0 the initial one; without
+    momentum (s1 None) the momentum buffers are the weight buffers (the kernels skip them)."""
+    out = []
+    for w in (w1, w2) if s1 is None else (w1, w2, s1, s2):
+        buf = w.new_empty(w.shape[0], nt + 1, *w.shape[1:])
+        buf[:, 0] = w
+        out.append(buf)
+    return (*out, *out) if s1 is None else tuple(out)
+
+
+def _walk_forward(args: tuple, y: Tensor, NT: int, chunk: int, kw: dict) -> None:
+    """Depth-2 forward, one program per (batch, head) walking the hidden tiles."""
+    G, L = args[0].shape[:2]
+    _mlp_fwd_kernel[(G,)](*args, y, L, NT, chunk, **kw)
+
+
+def _split_forward(args: tuple, y: Tensor, NT: int, chunk: int, kw: dict) -> None:
+    """Depth-2 forward, a program per (hidden tile, batch, head), two launches per chunk."""
+    q, k, w1s, w2s = args[0], args[1], args[6], args[7]
+    G, L = q.shape[:2]
+    S = triton.cdiv(kw["DN"], kw["BN"])
+    pd, yp = q.new_zeros(G, S, kw["BT"], kw["BV"]), q.new_zeros(G, S, kw["BT"], kw["BV"])
+    part_kw = {n: v for n, v in kw.items() if n != "MOM"}
+    for i_c in range(NT + 1):  # the last launch only sums chunk NT - 1's y
+        _mlp_part_kernel[(S, G)](
+            q, k, w1s, w2s, pd, yp, y, L, NT, chunk, i_c, S, REDUCE_Y=True, **part_kw
+        )
+        if i_c < NT:
+            _mlp_split_fwd_kernel[(S, G)](*args, pd, yp, L, NT, chunk, i_c, S, **kw)
+
+
+def _walk_backward(args: tuple, grads: tuple, slots: tuple, NT: int, chunk: int, kw: dict) -> None:
+    """Depth-2 backward, one program per (batch, head), chunks in reverse."""
+    G, L = args[0].shape[:2]
+    _mlp_bwd_kernel[(G,)](*args, *grads[:1], *slots, *grads[1:], L, NT, chunk, **kw)
+
+
+def _split_backward(args: tuple, grads: tuple, slots: tuple, NT: int, chunk: int, kw: dict) -> None:
+    """Depth-2 backward, a program per (hidden tile, batch, head), four launches per chunk."""
+    q, k, w1s, w2s = args[0], args[1], args[6], args[7]
+    G, L = q.shape[:2]
+    BT, BK, BV = kw["BT"], kw["BK"], kw["BV"]
+    S = triton.cdiv(kw["DN"], kw["BN"])
+    pd, dd2p = q.new_zeros(G, S, BT, BV), q.new_zeros(G, S, BT, BV)
+    g2p, hdp = q.new_zeros(G, S, BT, BT), q.new_zeros(G, S, BT, BT)
+    dqp, dkp = q.new_zeros(G, S, BT, BK), q.new_zeros(G, S, BT, BK)
+    vp = q.new_zeros(G, S, 8, BT)
+    part_kw = {n: v for n, v in kw.items() if n != "MOM"}
+    out_kw = {n: v for n, v in kw.items() if n not in ("DN", "BN")}
+    dy, outs = grads[0], grads[1:]
+    rows = args[:6]
+    states = (*args[6:], dy, *slots)
+    for i_r in range(NT):
+        i_c = NT - 1 - i_r
+        _mlp_part_kernel[(S, G)](
+            q, k, w1s, w2s, pd, pd, q, L, NT, chunk, i_c, S, REDUCE_Y=False, **part_kw
+        )
+        _mlp_split_bwd_sum_kernel[(S, G)](
+            *rows, *states, pd, g2p, hdp, dd2p, dqp, dkp, vp, L, NT, chunk, i_c, i_r, S, **kw
+        )
+        _mlp_split_bwd_state_kernel[(S, G)](
+            *rows, *states, pd, g2p, dd2p, dkp, L, NT, chunk, i_c, i_r, S, **kw
+        )
+        _mlp_split_bwd_out_kernel[(1, G)](
+            *rows, dy, pd, g2p, hdp, dd2p, dqp, dkp, vp, *outs, L, NT, chunk, i_c, S, **out_kw
+        )
+
+
 class _MLPFn(torch.autograd.Function):
-    """Depth-2 memory: Triton forward and backward. Tensors (G, ...) fp32 contiguous."""
+    """Depth-2 memory: Triton forward and backward. Tensors (G, ...) fp32 contiguous. The
+    kernels either walk the hidden tiles in one program per (batch, head) or split them across
+    programs with a few launches per chunk (cfg's split; triton_kernels.py)."""
 
     @staticmethod
     def forward(ctx, cfg, q, k, v, theta, alpha, eta, w1, w2, s1, s2):  # noqa: ANN001
-        chunk, block_n, prec, residual, warps = cfg
+        chunk, block_n, prec, residual, warps, split = cfg
         G, L, DK = q.shape
         DN, DV = w1.shape[-1], v.shape[-1]
         NT = triton.cdiv(L, chunk)
         mom = eta is not None
         lk, le = _log_gates(alpha, eta)
-        w1s, w2s = q.new_empty(G, NT + 1, DK, DN), q.new_empty(G, NT + 1, DN, DV)
-        w1s[:, 0], w2s[:, 0] = w1, w2
-        s1s, s2s = w1s, w2s
-        if mom:
-            s1s, s2s = q.new_empty(G, NT + 1, DK, DN), q.new_empty(G, NT + 1, DN, DV)
-            s1s[:, 0], s2s[:, 0] = s1, s2
+        w1s, w2s, s1s, s2s = _chunk_states(w1, w2, s1 if mom else None, s2, NT)
         y = q.new_empty(G, L, DV)
-        tiles = dict(BT=_pow2(chunk), BK=_pow2(DK), BN=_pow2(DN, block_n), BV=_pow2(DV))
+        tiles = dict(DK=DK, DN=DN, DV=DV, BT=_pow2(chunk), BK=_pow2(DK), BV=_pow2(DV))
+        tiles.update(MOM=mom, RESIDUAL=residual, PREC=prec)
+        args = (q, k, v, theta, lk, le if mom else lk, w1s, w2s, s1s, s2s)
+        run = _split_forward if split else _walk_forward
 
         def launch(bn: int) -> None:
-            _mlp_fwd_kernel[(G,)](
-                q, k, v, theta, lk, le if mom else lk, w1s, w2s, s1s, s2s, y, L, NT, chunk,
-                DK=DK, DN=DN, DV=DV, **{**tiles, "BN": bn}, MOM=mom, RESIDUAL=residual,
-                PREC=prec, num_warps=warps[0], num_stages=warps[1],
-            )  # fmt: skip
+            kw = dict(tiles, BN=bn, num_warps=warps[0], num_stages=warps[1])
+            run(args, y, NT, chunk, kw)
 
-        tiles["BN"] = _shrinking(launch, tiles["BN"], "mlp_fwd")
+        name = "mlp_split_fwd" if split else "mlp_fwd"
+        tiles["BN"] = _shrinking(launch, _pow2(DN, block_n), name)
         ctx.save_for_backward(q, k, v, theta, alpha, eta, lk, le, w1s, w2s, s1s, s2s)
         ctx.cfg, ctx.tiles = cfg, tiles
         out = (y, w1s[:, NT].clone(), w2s[:, NT].clone())
@@ -198,101 +267,22 @@ class _MLPFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, dw1e, dw2e, ds1e=None, ds2e=None):  # noqa: ANN001
         q, k, v, theta, alpha, eta, lk, le, w1s, w2s, s1s, s2s = ctx.saved_tensors
-        chunk, _, prec, residual, warps = ctx.cfg
+        chunk, _, _, _, warps, split = ctx.cfg
         G, L, DK = q.shape
         DN, DV = w1s.shape[-1], v.shape[-1]
         NT = triton.cdiv(L, chunk)
         mom = eta is not None
-        # dstate ping-pongs between two slots per (batch, head): chunk i_r reads slot i_r % 2
-        dw1, dw2 = q.new_empty(G, 2, DK, DN), q.new_empty(G, 2, DN, DV)
-        dw1[:, 0], dw2[:, 0] = dw1e, dw2e
-        ds1, ds2 = dw1, dw2
-        if mom:
-            ds1, ds2 = q.new_empty(G, 2, DK, DN), q.new_empty(G, 2, DN, DV)
-            ds1[:, 0], ds2[:, 0] = ds1e, ds2e
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         dth, dlk = torch.empty_like(theta), torch.empty_like(theta)
         dle = torch.empty_like(theta) if mom else dlk
-        dy = dy.contiguous()
-
-        def launch(bn: int) -> None:
-            # the state-gradient slots were seeded above and a refused launch never ran
-            _mlp_bwd_kernel[(G,)](
-                q, k, v, theta, lk, le if mom else lk, w1s, w2s, s1s, s2s, dy,
-                dw1, dw2, ds1, ds2, dq, dk, dv, dth, dlk, dle, L, NT, chunk,
-                DK=DK, DN=DN, DV=DV, **{**ctx.tiles, "BN": bn}, MOM=mom, RESIDUAL=residual,
-                PREC=prec, num_warps=warps[2], num_stages=warps[1],
-            )  # fmt: skip
-
-        _shrinking(launch, ctx.tiles["BN"], "mlp_bwd")
-        dalpha, deta = _gate_grads(alpha, eta, dlk, dle if mom else None)
-        slot = NT % 2
-        ds = (ds1[:, slot], ds2[:, slot]) if mom else (None, None)
-        return None, dq, dk, dv, dth, dalpha, deta, dw1[:, slot], dw2[:, slot], *ds
-
-
-class _MLPSplitFn(torch.autograd.Function):
-    """Depth-2 memory with the hidden width split across programs (grid (S, G)): a few
-    launches per chunk instead of one program walking every tile (triton_kernels.py, "split").
-    Same contract, saved tensors and dstate ping-pong as _MLPFn."""
-
-    @staticmethod
-    def forward(ctx, cfg, q, k, v, theta, alpha, eta, w1, w2, s1, s2):  # noqa: ANN001
-        chunk, block_n, prec, residual, warps = cfg
-        G, L, DK = q.shape
-        DN, DV = w1.shape[-1], v.shape[-1]
-        NT = triton.cdiv(L, chunk)
-        mom = eta is not None
-        lk, le = _log_gates(alpha, eta)
-        w1s, w2s = q.new_empty(G, NT + 1, DK, DN), q.new_empty(G, NT + 1, DN, DV)
-        w1s[:, 0], w2s[:, 0] = w1, w2
-        s1s, s2s = w1s, w2s
-        if mom:
-            s1s, s2s = q.new_empty(G, NT + 1, DK, DN), q.new_empty(G, NT + 1, DN, DV)
-            s1s[:, 0], s2s[:, 0] = s1, s2
-        y = q.new_empty(G, L, DV)
-        BT, BK, BV = _pow2(chunk), _pow2(DK), _pow2(DV)
-        tiles = dict(DK=DK, DN=DN, DV=DV, BT=BT, BK=BK, BV=BV, PREC=prec, RESIDUAL=residual)
-
-        def launch(bn: int) -> None:
-            S = triton.cdiv(DN, bn)
-            pd, yp = q.new_zeros(G, S, BT, BV), q.new_zeros(G, S, BT, BV)
-            kw = dict(tiles, BN=bn, num_warps=warps[0], num_stages=warps[1])
-            for i_c in range(NT + 1):  # the last launch only sums chunk NT - 1's y
-                _mlp_part_kernel[(S, G)](
-                    q, k, w1s, w2s, pd, yp, y, L, NT, chunk, i_c, S, REDUCE_Y=True, **kw
-                )
-                if i_c < NT:
-                    _mlp_split_fwd_kernel[(S, G)](
-                        q, k, v, theta, lk, le if mom else lk, w1s, w2s, s1s, s2s, pd, yp,
-                        L, NT, chunk, i_c, S, MOM=mom, **kw,
-                    )  # fmt: skip
-
-        bn = _shrinking(launch, _pow2(DN, block_n), "mlp_split_fwd")
-        ctx.save_for_backward(q, k, v, theta, alpha, eta, lk, le, w1s, w2s, s1s, s2s)
-        ctx.cfg, ctx.tiles = cfg, dict(tiles, BN=bn)
-        out = (y, w1s[:, NT].clone(), w2s[:, NT].clone())
-        return out + ((s1s[:, NT].clone(), s2s[:, NT].clone()) if mom else ())
-
-    @staticmethod
-    def backward(ctx, dy, dw1e, dw2e, ds1e=None, ds2e=None):  # noqa: ANN001
-        q, k, v, theta, alpha, eta, lk, le, w1s, w2s, s1s, s2s = ctx.saved_tensors
-        chunk, _, prec, residual, warps = ctx.cfg
-        G, L, DK = q.shape
-        DN, DV = w1s.shape[-1], v.shape[-1]
-        NT = triton.cdiv(L, chunk)
-        mom = eta is not None
-        le = le if mom else lk
-        tiles = ctx.tiles
-        BT, BK, BV = tiles["BT"], tiles["BK"], tiles["BV"]
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        dth, dlk = torch.empty_like(theta), torch.empty_like(theta)
-        dle = torch.empty_like(theta) if mom else dlk
-        dy = dy.contiguous()
+        args = (q, k, v, theta, lk, le if mom else lk, w1s, w2s, s1s, s2s)
+        grads = (dy.contiguous(), dq, dk, dv, dth, dlk, dle)
+        run = _split_backward if split else _walk_backward
         slots: list[Tensor] = []
 
         def launch(bn: int) -> None:
-            # from scratch on every try: a refused launch leaves the seeded slot 0 unread-over
+            # dstate ping-pongs between two slots per (batch, head): chunk i_r reads slot
+            # i_r % 2; seeded afresh on every try (a refused launch may follow one that ran)
             dw1, dw2 = q.new_empty(G, 2, DK, DN), q.new_empty(G, 2, DN, DV)
             dw1[:, 0], dw2[:, 0] = dw1e, dw2e
             ds1, ds2 = dw1, dw2
@@ -300,34 +290,10 @@ class _MLPSplitFn(torch.autograd.Function):
                 ds1, ds2 = q.new_empty(G, 2, DK, DN), q.new_empty(G, 2, DN, DV)
                 ds1[:, 0], ds2[:, 0] = ds1e, ds2e
             slots[:] = [dw1, dw2, ds1, ds2]
-            S = triton.cdiv(DN, bn)
-            pd, dd2p = q.new_zeros(G, S, BT, BV), q.new_zeros(G, S, BT, BV)
-            g2p, hdp = q.new_zeros(G, S, BT, BT), q.new_zeros(G, S, BT, BT)
-            dqp, dkp = q.new_zeros(G, S, BT, BK), q.new_zeros(G, S, BT, BK)
-            vp = q.new_zeros(G, S, 8, BT)
-            kw = dict(tiles, BN=bn, num_warps=warps[2], num_stages=warps[1])
-            rows = (q, k, v, theta, lk, le)
-            states = (w1s, w2s, s1s, s2s, dy, dw1, dw2, ds1, ds2)
-            for i_r in range(NT):
-                i_c = NT - 1 - i_r
-                _mlp_part_kernel[(S, G)](
-                    q, k, w1s, w2s, pd, pd, q, L, NT, chunk, i_c, S, REDUCE_Y=False, **kw
-                )
-                _mlp_split_bwd_sum_kernel[(S, G)](
-                    *rows, *states, pd, g2p, hdp, dd2p, dqp, dkp, vp,
-                    L, NT, chunk, i_c, i_r, S, MOM=mom, **kw,
-                )  # fmt: skip
-                _mlp_split_bwd_state_kernel[(S, G)](
-                    *rows, *states, pd, g2p, dd2p, dkp, L, NT, chunk, i_c, i_r, S, MOM=mom, **kw
-                )
-                out_kw = {n: kw[n] for n in ("DK", "DV", "BT", "BK", "BV", "PREC", "RESIDUAL")}
-                _mlp_split_bwd_out_kernel[(1, G)](
-                    q, k, v, theta, lk, le, dy, pd, g2p, hdp, dd2p, dqp, dkp, vp,
-                    dq, dk, dv, dth, dlk, dle, L, NT, chunk, i_c, S, MOM=mom, **out_kw,
-                    num_warps=warps[2], num_stages=warps[1],
-                )  # fmt: skip
+            kw = dict(ctx.tiles, BN=bn, num_warps=warps[2], num_stages=warps[1])
+            run(args, grads, tuple(slots), NT, chunk, kw)
 
-        _shrinking(launch, tiles["BN"], "mlp_split_bwd")
+        _shrinking(launch, ctx.tiles["BN"], "mlp_split_bwd" if split else "mlp_bwd")
         dw1, dw2, ds1, ds2 = slots
         dalpha, deta = _gate_grads(alpha, eta, dlk, dle if mom else None)
         slot = NT % 2
@@ -421,8 +387,8 @@ def memory_triton(
         if len(xs) == 1:
             out = _LinearFn.apply((chunk_size, block_v, prec, launch), *args, xs[0], ss[0])
         else:
-            cfg = (chunk_size, block_n, prec, rule.residual, launch)
-            out = (_MLPSplitFn if split else _MLPFn).apply(cfg, *args, *xs, *ss)
+            cfg = (chunk_size, block_n, prec, rule.residual, launch, split)
+            out = _MLPFn.apply(cfg, *args, *xs, *ss)
     y, states = out[0], out[1:]
     unflat = lambda t: t.reshape(bsz, heads, *t.shape[1:])
     y = unflat(y).to(q.dtype)
