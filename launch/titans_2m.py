@@ -6,6 +6,8 @@
 `full`: sequences of 2,097,152 tokens, bf16, FSDP2 over 8 x 80 GB GPUs (one sequence per GPU),
 activation checkpointing per block, each MAC block a checkpointed scan over its segments (one
 segment recomputed at a time in backward), the final norm and the loss in 16K-position chunks.
+The memory op runs its Triton kernels on the GPUs (TitansConfig.mem_impl "auto"; split across
+hidden tiles, since 12 heads x 1 sequence leave most SMs idle otherwise).
 
 Memory budget of one GPU for `full` (titans-mac-170m: d = 768, 10 layers, 12 heads of 64,
 depth-2 memory with hidden 256, segment 512, chunk 64; L = 2,097,152; bf16 activations):
