@@ -30,7 +30,8 @@ from torch import Tensor
 Step = Callable[[Tensor, list[Tensor]], tuple[Tensor, list[Tensor]]]
 
 
-def _autocast_state(device_type: str) -> list[tuple[str, bool, torch.dtype]]:
+def autocast_state(device_type: str) -> list[tuple[str, bool, torch.dtype]]:
+    """The autocast modes in force now (this device type and CPU), for `replay_autocast`."""
     kinds = {device_type, "cpu"}
     return [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in kinds]
 
@@ -51,7 +52,7 @@ class _CheckpointedScan(torch.autograd.Function):
         # them through its saved-tensor hooks and rerun the whole scan in backward to get them.
         ctx.step, ctx.seg, ctx.params = step, seg, params
         ctx.x, ctx.x_version, ctx.boundaries = x, x._version, boundaries
-        ctx.autocast = _autocast_state(x.device.type)
+        ctx.autocast = autocast_state(x.device.type)
         return (y, *state)
 
     @staticmethod
@@ -72,7 +73,7 @@ class _CheckpointedScan(torch.autograd.Function):
                 s_j = [t.detach().requires_grad_(t.is_floating_point()) for t in boundaries[j]]
                 boundaries[j] = None  # the state is recomputed, not kept any longer
                 # Forward under the forward's autocast; backward outside it, as autograd would.
-                with _autocast(ctx.autocast):
+                with replay_autocast(ctx.autocast):
                     y_j, s_next = ctx.step(x_j, s_j)
                 outs = [y_j, *s_next]
                 douts = [grad_y[:, s : s + seg], *grads]
@@ -102,7 +103,7 @@ class _CheckpointedScan(torch.autograd.Function):
         return (None, None, None, grad_x, *grads, *grad_rest)
 
 
-class _autocast:
+class replay_autocast:  # noqa: N801 - used as a context manager, like torch.autocast
     """Re-enter the forward's autocast state (backward may run on another thread)."""
 
     def __init__(self, state: list[tuple[str, bool, torch.dtype]]) -> None:

@@ -8,6 +8,10 @@ not grow with the length.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -82,3 +86,27 @@ def test_chunked_loss_with_norm_matches_plain() -> None:
     assert_close("loss", ref.detach(), got.detach(), 1e-6)
     for name, a, b in zip(("hidden", "head", "norm"), ref_grads, got_grads):
         assert_close(f"grad {name}", a, b, 1e-6)
+
+
+def test_training_step_does_not_import_dynamo() -> None:
+    """A Titans training step (chunked loss, memory scan) in a fresh interpreter leaves
+    torch._dynamo and triton unimported: torch.utils.checkpoint imported both (~150 MB RSS)."""
+    code = (
+        "import sys, torch\n"
+        "import models\n"
+        "m = models.build('titans-mac-tiny', vocab_size=64, loss_chunk=16, mem_checkpoint=32)\n"
+        "t = torch.randint(0, 64, (1, 129))\n"
+        "m.train()(t[:, :-1], targets=t[:, 1:]).loss.backward()\n"
+        "print(sorted(n for n in ('torch._dynamo', 'triton') if n in sys.modules))\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr
+
+
+def test_chunked_loss_refuses_a_plain_callable_norm() -> None:
+    h, w, t = torch.randn(1, 4, 8), torch.randn(5, 8), torch.randint(0, 5, (1, 4))
+    with pytest.raises(TypeError, match="nn.Module"):
+        chunked_lm_loss(h, w, t, chunk=2, norm=lambda x: x)
