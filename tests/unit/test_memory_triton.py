@@ -133,7 +133,10 @@ def test_triton_matches_reference(triton_memory, length, chunk, heads, dims, mom
     _check(ref, out, TOL)
 
 
-SPLIT_CASES = [c for c in CASES if len(c[3]) == 3] + [(150, 64, 2, [16, 64, 16], True, True)]
+SPLIT_CASES = [c for c in CASES if len(c[3]) == 3] + [
+    (150, 64, 2, [16, 64, 16], True, True),  # the benchmark's chunk, 3 chunks (2 slots reused)
+    (5, 16, 2, [16, 32, 16], True, True),  # one partial chunk: no next-chunk work at all
+]
 
 
 @pytest.mark.parametrize(
@@ -145,8 +148,8 @@ def test_triton_split_matches_reference(
     triton_memory, length, chunk, heads, dims, momentum, residual
 ):
     """split=True (depth 2: a program per hidden tile, partial sums through buffers between
-    launches) against the token loop; hidden tiles of 16 so that 3-4 programs share a group,
-    one of them partial in the 48-wide case; the last case has 3 chunks of the benchmark's 64."""
+    launches, two slots by chunk parity) against the token loop; hidden tiles of 16 so that 2-4
+    programs share a group, one of them partial in the 48-wide case."""
     rule = MemoryRule(residual=residual)
     kw, names = _inputs(length, heads, dims, momentum)
     ref = _run(memory_reference, kw, names, chunk, rule)

@@ -181,56 +181,67 @@ def _walk_forward(args: tuple, y: Tensor, NT: int, chunk: int, kw: dict) -> None
     _mlp_fwd_kernel[(G,)](*args, y, L, NT, chunk, **kw)
 
 
-def _split_forward(args: tuple, y: Tensor, NT: int, chunk: int, kw: dict) -> None:
-    """Depth-2 forward, a program per (hidden tile, batch, head), two launches per chunk."""
+def _split_forward(args: tuple, y: Tensor, NT: int, chunk: int, kw: dict) -> Tensor:
+    """Depth-2 forward, a program per (hidden tile, batch, head), one launch per chunk (plus
+    chunk 0's M(k) partials before and the last chunk's y after). Returns δ2 per chunk, which
+    the backward reads instead of recomputing it."""
     q, k, w1s, w2s = args[0], args[1], args[6], args[7]
     G, L = q.shape[:2]
+    BT, BV = kw["BT"], kw["BV"]
     S = triton.cdiv(kw["DN"], kw["BN"])
-    pd, yp = q.new_zeros(G, S, kw["BT"], kw["BV"]), q.new_zeros(G, S, kw["BT"], kw["BV"])
+    pd, yp = q.new_zeros(2, G, S, BT, BV), q.new_zeros(2, G, S, BT, BV)
+    d2s = q.new_empty(G, NT, BT, BV)
     part_kw = {n: v for n, v in kw.items() if n != "MOM"}
-    for i_c in range(NT + 1):  # the last launch only sums chunk NT - 1's y
-        _mlp_part_kernel[(S, G)](
-            q, k, w1s, w2s, pd, yp, y, L, NT, chunk, i_c, S, REDUCE_Y=True, **part_kw
-        )
-        if i_c < NT:
-            _mlp_split_fwd_kernel[(S, G)](*args, pd, yp, L, NT, chunk, i_c, S, **kw)
+    _mlp_part_kernel[(S, G)](
+        q, k, w1s, w2s, pd[0], yp[0], y, L, NT, chunk, 0, S, REDUCE_Y=False, **part_kw
+    )
+    for i_c in range(NT):
+        _mlp_split_fwd_kernel[(S, G)](*args, pd, yp, d2s, y, G, L, NT, chunk, i_c, S, **kw)
+    last = yp[(NT - 1) % 2]  # only its y sum runs: i_c = NT has no chunk
+    _mlp_part_kernel[(1, G)](
+        q, k, w1s, w2s, pd[0], last, y, L, NT, chunk, NT, S, REDUCE_Y=True, **part_kw
+    )
+    return d2s
 
 
-def _walk_backward(args: tuple, grads: tuple, slots: tuple, NT: int, chunk: int, kw: dict) -> None:
+def _walk_backward(
+    args: tuple, saved: Tensor | None, grads: tuple, slots: tuple, NT: int, chunk: int, kw: dict
+) -> None:
     """Depth-2 backward, one program per (batch, head), chunks in reverse."""
+    del saved
     G, L = args[0].shape[:2]
     _mlp_bwd_kernel[(G,)](*args, *grads[:1], *slots, *grads[1:], L, NT, chunk, **kw)
 
 
-def _split_backward(args: tuple, grads: tuple, slots: tuple, NT: int, chunk: int, kw: dict) -> None:
-    """Depth-2 backward, a program per (hidden tile, batch, head), four launches per chunk."""
-    q, k, w1s, w2s = args[0], args[1], args[6], args[7]
+def _split_backward(
+    args: tuple, d2s: Tensor, grads: tuple, slots: tuple, NT: int, chunk: int, kw: dict
+) -> None:
+    """Depth-2 backward, a program per (hidden tile, batch, head), two launches per chunk
+    (pass-2 partials with the previous chunk's input gradients beside them; pass 3)."""
+    q = args[0]
     G, L = q.shape[:2]
     BT, BK, BV = kw["BT"], kw["BK"], kw["BV"]
     S = triton.cdiv(kw["DN"], kw["BN"])
-    pd, dd2p = q.new_zeros(G, S, BT, BV), q.new_zeros(G, S, BT, BV)
-    g2p, hdp = q.new_zeros(G, S, BT, BT), q.new_zeros(G, S, BT, BT)
-    dqp, dkp = q.new_zeros(G, S, BT, BK), q.new_zeros(G, S, BT, BK)
-    vp = q.new_zeros(G, S, 8, BT)
-    part_kw = {n: v for n, v in kw.items() if n != "MOM"}
+    g2p, hdp = q.new_zeros(2, G, S, BT, BT), q.new_zeros(2, G, S, BT, BT)
+    dd2p = q.new_zeros(2, G, S, BT, BV)
+    dqp, dkp = q.new_zeros(2, G, S, BT, BK), q.new_zeros(2, G, S, BT, BK)
+    vp = q.new_zeros(2, G, S, 8, BT)
     out_kw = {n: v for n, v in kw.items() if n not in ("DN", "BN")}
     dy, outs = grads[0], grads[1:]
     rows = args[:6]
     states = (*args[6:], dy, *slots)
     for i_r in range(NT):
         i_c = NT - 1 - i_r
-        _mlp_part_kernel[(S, G)](
-            q, k, w1s, w2s, pd, pd, q, L, NT, chunk, i_c, S, REDUCE_Y=False, **part_kw
-        )
-        _mlp_split_bwd_sum_kernel[(S, G)](
-            *rows, *states, pd, g2p, hdp, dd2p, dqp, dkp, vp, L, NT, chunk, i_c, i_r, S, **kw
-        )
+        _mlp_split_bwd_sum_kernel[(S + 1, G)](
+            *rows, *states, d2s, g2p, hdp, dd2p, dqp, dkp, vp, *outs,
+            G, L, NT, chunk, i_c, i_r, S, **kw,
+        )  # fmt: skip
         _mlp_split_bwd_state_kernel[(S, G)](
-            *rows, *states, pd, g2p, dd2p, dkp, L, NT, chunk, i_c, i_r, S, **kw
+            *rows, *states, d2s, g2p, dd2p, dkp, G, L, NT, chunk, i_c, i_r, S, **kw
         )
-        _mlp_split_bwd_out_kernel[(1, G)](
-            *rows, dy, pd, g2p, hdp, dd2p, dqp, dkp, vp, *outs, L, NT, chunk, i_c, S, **out_kw
-        )
+    _mlp_split_bwd_out_kernel[(1, G)](
+        *rows, dy, d2s, g2p, hdp, dd2p, dqp, dkp, vp, *outs, L, NT, chunk, S, **out_kw
+    )
 
 
 class _MLPFn(torch.autograd.Function):
@@ -253,20 +264,22 @@ class _MLPFn(torch.autograd.Function):
         args = (q, k, v, theta, lk, le if mom else lk, w1s, w2s, s1s, s2s)
         run = _split_forward if split else _walk_forward
 
+        kept: list[Tensor | None] = [None]
+
         def launch(bn: int) -> None:
             kw = dict(tiles, BN=bn, num_warps=warps[0], num_stages=warps[1])
-            run(args, y, NT, chunk, kw)
+            kept[0] = run(args, y, NT, chunk, kw)
 
         name = "mlp_split_fwd" if split else "mlp_fwd"
         tiles["BN"] = _shrinking(launch, _pow2(DN, block_n), name)
-        ctx.save_for_backward(q, k, v, theta, alpha, eta, lk, le, w1s, w2s, s1s, s2s)
+        ctx.save_for_backward(q, k, v, theta, alpha, eta, lk, le, w1s, w2s, s1s, s2s, kept[0])
         ctx.cfg, ctx.tiles = cfg, tiles
         out = (y, w1s[:, NT].clone(), w2s[:, NT].clone())
         return out + ((s1s[:, NT].clone(), s2s[:, NT].clone()) if mom else ())
 
     @staticmethod
     def backward(ctx, dy, dw1e, dw2e, ds1e=None, ds2e=None):  # noqa: ANN001
-        q, k, v, theta, alpha, eta, lk, le, w1s, w2s, s1s, s2s = ctx.saved_tensors
+        q, k, v, theta, alpha, eta, lk, le, w1s, w2s, s1s, s2s, d2s = ctx.saved_tensors
         chunk, _, _, _, warps, split = ctx.cfg
         G, L, DK = q.shape
         DN, DV = w1s.shape[-1], v.shape[-1]
@@ -291,7 +304,7 @@ class _MLPFn(torch.autograd.Function):
                 ds1[:, 0], ds2[:, 0] = ds1e, ds2e
             slots[:] = [dw1, dw2, ds1, ds2]
             kw = dict(ctx.tiles, BN=bn, num_warps=warps[2], num_stages=warps[1])
-            run(args, grads, tuple(slots), NT, chunk, kw)
+            run(args, d2s, grads, tuple(slots), NT, chunk, kw)
 
         _shrinking(launch, ctx.tiles["BN"], "mlp_split_bwd" if split else "mlp_bwd")
         dw1, dw2, ds1, ds2 = slots
@@ -352,9 +365,10 @@ def memory_triton(
     overrides the dots' operand rounding ("ieee" or "tf32"; default: ieee for fp32 q, tf32
     otherwise); accumulation and the state stay fp32 either way. (bf16 dot operands were
     tried: Triton 3.6 kernels with them hit illegal memory accesses on an H100.)
-    split (depth 2): a program per (hidden tile, batch, head) and six launches per chunk, not
-    one program per (batch, head) walking the tiles; None = split on CUDA while B·H is below
-    the GPU's SM count (an H100 at B·H = 4 ran 1.9-3.3x faster split).
+    split (depth 2): a program per (hidden tile, batch, head) and three launches per chunk,
+    not one program per (batch, head) walking the tiles; None = split on CUDA while B·H is
+    below the GPU's SM count (an H100 at B·H = 4 ran 1.9-3.3x faster split, measured with an
+    earlier six-launch form of these kernels). It keeps δ2, (B·H, L, Dout) fp32, for backward.
     """
     del huber_delta, checkpoint
     rule.check(state.weights)
