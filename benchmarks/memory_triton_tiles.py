@@ -17,7 +17,6 @@ else shows here). Settings compile in parallel subprocesses first
 from __future__ import annotations
 
 import argparse
-import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -110,24 +109,17 @@ def compile_one(setting: Setting, dtype: torch.dtype) -> str:
 
 def time_setting(kw: dict, setting: Setting, iters: int) -> tuple[float, torch.Tensor]:
     """Median ms of fwd + bwd after two warm-up calls, and the output."""
+    from kernels_gpu import time_fwd_bwd  # beside this script: the CUDA-event timer
+
     from models.ops.memory import triton as tm
 
-    for _ in range(2):
-        y = step(kw, setting)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step(kw, setting)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+    ms = time_fwd_bwd(lambda: step(kw, setting), 2, iters)
+    y = step(kw, setting)
     names = ("mlp_split_fwd", "mlp_split_bwd") if setting[4] == "split" else ("mlp_fwd", "mlp_bwd")
     ran = tuple(tm.LAUNCHED.pop(n, None) for n in names)
     if ran != (setting[0], setting[0]):
         print(f"    note: {setting} ran with BN (fwd, bwd) = {ran} (shared-memory fallback)")
-    return statistics.median(times), y
+    return ms, y
 
 
 def main() -> None:

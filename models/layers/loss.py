@@ -33,16 +33,24 @@ def _ce_sum(
     return (ce * mask_BT.flatten()).sum()
 
 
+def _ce_chunks(
+    h: Tensor, weight: Tensor, targets: Tensor, mask: Tensor, norm: nn.Module | None, chunk: int
+) -> Tensor:
+    """Σ of _ce_sum over chunks of `chunk` positions (only one chunk's logits alive)."""
+    total = h.new_zeros((), dtype=torch.float32)
+    for s in range(0, h.shape[1], chunk):
+        e = s + chunk
+        total = total + _ce_sum(h[:, s:e], weight, targets[:, s:e], mask[:, s:e], norm)
+    return total
+
+
 class _ChunkedCE(torch.autograd.Function):
     """Σ_chunks _ce_sum: forward keeps only its inputs; backward recomputes one chunk at a time
     (under the forward's autocast) and back-propagates it alone."""
 
     @staticmethod
     def forward(ctx, norm, chunk, h, weight, targets, mask, *params):  # noqa: ANN001
-        total = h.new_zeros((), dtype=torch.float32)
-        for s in range(0, h.shape[1], chunk):
-            e = s + chunk
-            total += _ce_sum(h[:, s:e], weight, targets[:, s:e], mask[:, s:e], norm)
+        total = _ce_chunks(h, weight, targets, mask, norm, chunk)
         ctx.save_for_backward(h, weight, targets, mask)
         ctx.norm, ctx.chunk, ctx.params = norm, chunk, params
         ctx.autocast = autocast_state(h.device.type)
@@ -110,10 +118,5 @@ def chunked_lm_loss(
         params = list(norm.parameters()) if norm is not None else []
         total = _ChunkedCE.apply(norm, chunk, hidden_BLD, weight_VD, targets_BL, mask, *params)
     else:
-        total = hidden_BLD.new_zeros((), dtype=torch.float32)
-        for s in range(0, hidden_BLD.shape[1], chunk):
-            e = s + chunk
-            total = total + _ce_sum(
-                hidden_BLD[:, s:e], weight_VD, targets_BL[:, s:e], mask[:, s:e], norm
-            )
+        total = _ce_chunks(hidden_BLD, weight_VD, targets_BL, mask, norm, chunk)
     return total / mask.sum().clamp_min(1.0)

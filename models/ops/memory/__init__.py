@@ -34,10 +34,13 @@ def _memory_triton(*args: Any, **kwargs: Any) -> tuple[Tensor, MemoryState]:
 
 def _memory_auto(*args: Any, **kwargs: Any) -> tuple[Tensor, MemoryState]:
     """impl="auto": Triton on CUDA when it covers the arguments, the chunked form otherwise."""
+    q = args[0] if args else kwargs["q"]
+    if not q.is_cuda:  # the default impl of every Titans model: no binding work on CPU
+        return memory_chunked(*args, **kwargs)
     call = inspect.signature(memory_chunked).bind(*args, **kwargs)
     call.apply_defaults()
     a = call.arguments
-    if a["q"].is_cuda and importlib.util.find_spec("triton") is not None:
+    if importlib.util.find_spec("triton") is not None:
         from models.ops.memory.triton import unsupported_reason
 
         if unsupported_reason(a["q"], a["v"], a["state"], a["rule"]) is None:
