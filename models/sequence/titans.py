@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.layers.attention import attention
+from models.layers.fused_io import conv_silu_norm, norm_gate
 from models.layers.loss import chunked_lm_loss
 from models.layers.mlp import SwiGLU, swiglu_hidden
 from models.layers.norms import RMSNorm
@@ -151,23 +152,11 @@ class NeuralMemory(nn.Module):
         conv = self.conv_weight.new_zeros(batch, channels, self.kernel - 1)
         return NeuralMemoryState(MemoryState(ws, moms), conv)
 
-    def _conv(
-        self, u_BLC: Tensor, cache: Tensor, weight: Tensor, bias: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """Causal depthwise conv of u with `cache` (B, C, K-1) as left context.
-
-        Written as K shifted multiply-adds in the (B, L, C) layout: conv1d wants (B, C, L), so
-        its input and output were transposed copies (the SiLU after it then ran on strided
-        memory), and its depthwise backward is slow on CPU (~10% of a 2k-token step).
-        Returns the output (B, L, C) and the next cache: the last K-1 inputs seen.
-        """
-        length = u_BLC.shape[1]
-        full = torch.cat([cache.mT.to(u_BLC.dtype), u_BLC], dim=1)  # (B, K-1+L, C)
-        w = weight[:, 0, :].to(u_BLC.dtype)  # (C, K); out[t] = Σ_j w[:, j] full[t + j]
-        out = torch.addcmul(bias.to(u_BLC.dtype), full[:, :length], w[:, 0])
-        for j in range(1, self.kernel):
-            out = out.addcmul_(full[:, j : j + length], w[:, j])
-        return out, full[:, length:].mT.clone()  # not a view of u
+    def _conv_input(self, u_BLC: Tensor, cache: Tensor) -> tuple[Tensor, Tensor]:
+        """[cache | u] (B, K-1+L, C), the causal conv's input with its left context, and the
+        next cache (B, C, K-1): the last K-1 inputs seen (a copy, not a view of u)."""
+        full = torch.cat([cache.mT.to(u_BLC.dtype), u_BLC], dim=1)
+        return full, full[:, u_BLC.shape[1] :].mT.clone()
 
     def _split_heads(self, t_BLX: Tensor) -> Tensor:
         b, length, _ = t_BLX.shape
@@ -175,9 +164,8 @@ class NeuralMemory(nn.Module):
 
     def _output(self, x_BLC: Tensor, y_BHLD: Tensor) -> Tensor:
         """Per-head RMSNorm, SiLU gate from the input, merge heads, project back to dim."""
-        b, _, length, _ = y_BHLD.shape
-        y = self.out_norm(y_BHLD.transpose(1, 2)).reshape(b, length, -1)
-        return self.out_proj(y.to(x_BLC.dtype) * F.silu(self.out_gate(x_BLC)))
+        gated = norm_gate(y_BHLD, self.out_norm.weight, self.out_norm.eps, self.out_gate(x_BLC))
+        return self.out_proj(gated.to(x_BLC.dtype))
 
     # On CPU a long input runs as consecutive pieces of about this many tokens (batch x length),
     # the state carried (same result: pieces are whole chunks). glibc maps every block over
@@ -203,10 +191,11 @@ class NeuralMemory(nn.Module):
 
     def _forward(self, x_BLC: Tensor, state: NeuralMemoryState) -> tuple[Tensor, NeuralMemoryState]:
         b, length, _ = x_BLC.shape
-        u, conv_cache = self._conv(self.qkv(x_BLC), state.conv, self.conv_weight, self.conv_bias)
-        u = F.silu(u)
+        full, conv_cache = self._conv_input(self.qkv(x_BLC), state.conv)
+        inner = self.heads * self.head_dim
+        # conv, SiLU, and l2-normalised q and k in one node that keeps only `full`
+        u = conv_silu_norm(full, self.conv_weight[:, 0], self.conv_bias, 2 * inner, self.head_dim)
         q, k, v = (self._split_heads(t) for t in u.chunk(3, dim=-1))
-        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
 
         g = self.gates(x_BLC).float().view(b, length, self.num_gates, self.heads)
         g = g.permute(2, 0, 3, 1)  # (gate, B, H, L)
@@ -244,9 +233,9 @@ class NeuralMemory(nn.Module):
             return memory_retrieve(memory, x_or_q, self.rule)
         inner = self.heads * self.head_dim
         u = F.linear(x_or_q, self.qkv.weight[:inner])
-        zeros = u.new_zeros(batch, inner, self.kernel - 1)
-        q = F.silu(self._conv(u, zeros, self.conv_weight[:inner], self.conv_bias[:inner])[0])
-        q = F.normalize(self._split_heads(q), dim=-1)
+        full = self._conv_input(u, u.new_zeros(batch, inner, self.kernel - 1))[0]
+        w, bias = self.conv_weight[:inner, 0], self.conv_bias[:inner]
+        q = self._split_heads(conv_silu_norm(full, w, bias, inner, self.head_dim))
         return self._output(x_or_q, memory_retrieve(memory, q.float(), self.rule))
 
 

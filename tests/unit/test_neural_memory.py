@@ -84,31 +84,19 @@ def test_causal(variant: str) -> None:
 
 
 @pytest.mark.parametrize("kernel", [1, 4])
-def test_conv_matches_conv1d(kernel: int) -> None:
-    """The shifted multiply-add conv == F.conv1d over [cache | u] (depthwise, causal): output,
-    next cache, and gradients w.r.t. input, cache, weight and bias. Odd length, batch 2."""
+def test_conv_input_and_cache(kernel: int) -> None:
+    """The conv's input is [cache | u] and the next cache its last K-1 inputs (a copy), and
+    the layer's conv == F.conv1d over them: streaming with the cache is the whole sequence."""
     mem = _layer(conv_kernel=kernel)
     gen = torch.Generator().manual_seed(3)
     chans = mem.conv_weight.shape[0]
-    u = torch.randn(2, 37, chans, generator=gen, requires_grad=True)
-    cache = torch.randn(2, chans, kernel - 1, generator=gen, requires_grad=True)
-    w = torch.randn(chans, 1, kernel, generator=gen, requires_grad=True)
-    b = torch.randn(chans, generator=gen, requires_grad=True)
-    out, nxt = mem._conv(u, cache, w, b)
-    full = torch.cat([cache, u.mT], dim=-1)
-    want = torch.nn.functional.conv1d(full, w, b, groups=chans).mT
-    assert_close("conv out", want, out, 1e-6)
-    assert nxt.shape == cache.shape
+    u = torch.randn(2, 37, chans, generator=gen)
+    cache = torch.randn(2, chans, kernel - 1, generator=gen)
+    full, nxt = mem._conv_input(u, cache)
+    assert_close("conv input", torch.cat([cache, u.mT], dim=-1).mT, full, 0.0)
+    assert nxt.shape == cache.shape and nxt.data_ptr() != full.data_ptr()
     if kernel > 1:
-        assert_close("next cache", full[..., full.shape[-1] - (kernel - 1) :], nxt, 0.0)
-    gy = torch.randn(out.shape, generator=gen)
-    got = torch.autograd.grad(out, (u, cache, w, b), gy)
-    ref = torch.autograd.grad(want, (u, cache, w, b), gy, allow_unused=True)
-    for name, g, r in zip(("u", "cache", "weight", "bias"), got, ref):
-        if r is None or r.numel() == 0:  # kernel 1: the cache is empty
-            assert g is None or g.numel() == 0, name
-            continue
-        assert_close(f"grad {name}", r, g, 1e-5)
+        assert_close("next cache", u[:, -(kernel - 1) :].mT, nxt, 0.0)
 
 
 def test_backward_reaches_every_parameter() -> None:

@@ -162,8 +162,9 @@ class _WriteL2(torch.autograd.Function):
 
     The same function as the autograd path of `_write` (which the other Miras choices take), but
     its backward keeps only what it cannot cheaply redo: the chunk-start states, the keys, the
-    gates, each hidden layer's pre-activation p and back-propagated error e (before the slope),
-    and the outputs the read keeps anyway (zs, deltas). Autograd would also keep gelu'(p) and the
+    gates and the outputs the read keeps anyway (zs, deltas). Each hidden layer's pre-activation
+    p and back-propagated error e (before the slope) are one bmm each from those, so backward
+    recomputes them (2 x (G, T, hidden) floats a chunk). Autograd would also keep gelu'(p) and the
     gate-scaled copies of zs / deltas the state update multiplies (~0.5 MB per chunk here, a
     fifth of the op's memory) and walk ~40 nodes per chunk; this is one node.
 
@@ -202,7 +203,7 @@ class _WriteL2(torch.autograd.Function):
         ]
         ctx.trs, ctx.m, ctx.depth = trs, m, depth
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(k, mix, wh, *sts, *zs[1:], *deltas, *ps, *es)
+        ctx.save_for_backward(k, mix, wh, *sts, *zs[1:], *deltas)
         return (*zs[1:], *deltas, *new)
 
     @staticmethod
@@ -212,13 +213,15 @@ class _WriteL2(torch.autograd.Function):
         k, mix, wh, *rest = ctx.saved_tensors
         sts = rest[:depth]
         zs = [k, *rest[depth : 2 * depth - 1]]
-        deltas = rest[2 * depth - 1 : 3 * depth - 1]
-        ps = rest[3 * depth - 1 : 4 * depth - 2]
-        es = rest[4 * depth - 2 :]
+        deltas = rest[2 * depth - 1 :]
         g_z: list[Tensor | None] = [None, *grads[: depth - 1]]
         g_d: list[Tensor | None] = list(grads[depth - 1 : 2 * depth - 1])
         g_new = grads[2 * depth - 1 :]
         ws = [_blocks(st, m, tr)[0] for st, tr in zip(sts, trs)]
+        # recomputed, not saved: one bmm each per hidden layer (~4% of the step's matmuls)
+        # against 2 x (G, T, hidden) floats a chunk (~11% of the op's memory here)
+        ps = [torch.bmm(zs[i], ws[i]) for i in range(depth - 1)]
+        es = [torch.bmm(deltas[i], ws[i].mT) for i in range(1, depth)]
         g_w: list[Tensor | None] = [None] * depth
         g_sts: list[Tensor | None] = [None] * depth
         g_mix = g_wh = None

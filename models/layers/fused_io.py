@@ -1,0 +1,180 @@
+"""The elementwise ends of a memory layer as single autograd nodes that keep only their inputs.
+
+Legend: B batch, L length, C channels, H heads, D head width, K conv taps.
+
+Why. Around the Titans / Miras memory op sit two chains of cheap elementwise ops:
+in front, q|k|v through a causal depthwise conv, SiLU and (q, k) a per-head l2 norm; behind,
+a per-head RMSNorm times a SiLU gate. Run as separate ops, autograd keeps every intermediate:
+the conv output, the SiLU output and the norms in front (3 x C floats a token), the fp32 and the
+normalised copies, the merged heads, the gate and its SiLU behind (6 x H D). That was ~40% of
+`NeuralMemory`'s activation memory outside the op (measured with saved-tensor hooks at 2k
+tokens). Each node here keeps its inputs and recomputes the rest in backward: a few
+elementwise passes, against a memory op that costs ~7 MFLOP a token.
+
+The plain compositions (`conv_silu_norm_reference`, `norm_gate_reference`) are the oracles
+the tests compare against, forward and gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# F.normalize's default: x / max(||x||, eps)
+NORM_EPS = 1e-12
+
+
+def _silu_slope(o: Tensor, sig: Tensor) -> Tensor:
+    """d silu(o) / do = σ(o) (1 + o (1 - σ(o)))."""
+    return sig * (1.0 + o * (1.0 - sig))
+
+
+class _ConvSiluNorm(torch.autograd.Function):
+    """out = silu(bias + Σ_j w[:, j] ⊙ full[:, t + j]), the first `norm_channels` channels then
+    l2-normalised per group of `head_dim`. Computed in fp32, returned in full's dtype."""
+
+    @staticmethod
+    def _forward(
+        full: Tensor, w: Tensor, bias: Tensor, length: int, norm_channels: int, head_dim: int
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        f = full.float()
+        o = torch.addcmul(bias.float(), f[:, :length], w[:, 0].float())
+        for j in range(1, w.shape[1]):
+            o.addcmul_(f[:, j : j + length], w[:, j].float())
+        sig = torch.sigmoid(o)
+        s = o * sig
+        norm = None
+        if norm_channels:
+            part = s[..., :norm_channels].unflatten(-1, (-1, head_dim))
+            norm = torch.linalg.vector_norm(part, dim=-1, keepdim=True).clamp_min_(NORM_EPS)
+            part.div_(norm)  # s is fresh: its first channels become the normalised output
+        return o, sig, s, norm
+
+    @staticmethod
+    def forward(
+        full: Tensor, w: Tensor, bias: Tensor, length: int, norm_channels: int, head_dim: int
+    ) -> Tensor:
+        s = _ConvSiluNorm._forward(full, w, bias, length, norm_channels, head_dim)[2]
+        return s.to(full.dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+        full, w, bias, ctx.length, ctx.norm_channels, ctx.head_dim = inputs
+        ctx.save_for_backward(full, w, bias)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # noqa: ANN001
+        full, w, bias = ctx.saved_tensors
+        length, nc, hd = ctx.length, ctx.norm_channels, ctx.head_dim
+        o, sig, y, norm = _ConvSiluNorm._forward(full, w, bias, length, nc, hd)
+        g = grad.float().clone()  # worked on in place: the activations here are (B, L, C) each
+        if nc:
+            # d(s / n) = (g - y (y . g)) / n where ||s|| > eps; plain g / eps where clamped
+            yn, gn = (t[..., :nc].unflatten(-1, (-1, hd)) for t in (y, g))
+            dot = (yn * gn).sum(-1, keepdim=True).masked_fill_(norm <= NORM_EPS, 0.0)
+            gn.sub_(yn.mul_(dot)).div_(norm)
+        del y
+        # silu'(o) = σ (1 + o (1 - σ)), built in σ's memory
+        g_o = g.mul_(sig.mul_((1.0 - sig).mul_(o).add_(1.0)))
+        del o, sig
+        f = full.float()
+        g_full = g_w = g_b = None
+        if ctx.needs_input_grad[0]:
+            g_full = torch.zeros_like(f)
+            for j in range(w.shape[1]):
+                g_full[:, j : j + length].addcmul_(g_o, w[:, j].float())
+            g_full = g_full.to(full.dtype)
+        if ctx.needs_input_grad[1]:
+            cols = [(g_o * f[:, j : j + length]).sum((0, 1)) for j in range(w.shape[1])]
+            g_w = torch.stack(cols, dim=1).to(w.dtype)
+        if ctx.needs_input_grad[2]:
+            g_b = g_o.sum((0, 1)).to(bias.dtype)
+        return g_full, g_w, g_b, None, None, None
+
+
+def conv_silu_norm(
+    full_BJC: Tensor, weight_CK: Tensor, bias_C: Tensor, norm_channels: int = 0, head_dim: int = 1
+) -> Tensor:
+    """Causal depthwise conv over `full` = [K-1 cached inputs | L new ones] (B, K-1+L, C), then
+    SiLU, then an l2 norm over each `head_dim` group of the first `norm_channels` channels.
+    Returns (B, L, C) in full's dtype; autograd keeps only full, weight and bias."""
+    taps = weight_CK.shape[1]
+    length = full_BJC.shape[1] - (taps - 1)
+    if norm_channels % head_dim or norm_channels > full_BJC.shape[-1]:
+        raise ValueError(
+            f"norm_channels={norm_channels} must be a multiple of head_dim={head_dim} and at most "
+            f"the {full_BJC.shape[-1]} channels"
+        )
+    return _ConvSiluNorm.apply(full_BJC, weight_CK, bias_C, length, norm_channels, head_dim)
+
+
+def conv_silu_norm_reference(
+    full_BJC: Tensor, weight_CK: Tensor, bias_C: Tensor, norm_channels: int = 0, head_dim: int = 1
+) -> Tensor:
+    """The same function from plain ops (the oracle): conv1d, F.silu, F.normalize."""
+    taps = weight_CK.shape[1]
+    x = full_BJC.float().mT  # (B, C, K-1+L)
+    o = F.conv1d(x, weight_CK.float().unsqueeze(1), bias_C.float(), groups=x.shape[1]).mT
+    s = F.silu(o)
+    if norm_channels:
+        part = F.normalize(s[..., :norm_channels].unflatten(-1, (-1, head_dim)), dim=-1)
+        s = torch.cat([part.flatten(-2), s[..., norm_channels:]], dim=-1)
+    assert s.shape[1] == full_BJC.shape[1] - (taps - 1)
+    return s.to(full_BJC.dtype)
+
+
+class _NormGate(torch.autograd.Function):
+    """(RMSNorm_D(y) ⊙ w) with heads merged, times silu(gate). fp32 inside, gate's dtype out."""
+
+    @staticmethod
+    def forward(y: Tensor, w: Tensor, eps: float, gate: Tensor) -> Tensor:
+        yf = y.float()
+        rstd = torch.rsqrt(yf.square().mean(-1, keepdim=True).add_(eps))
+        a = (yf * rstd).mul_(w.float()).transpose(1, 2).flatten(2)  # (B, L, H D)
+        return a.mul_(F.silu(gate.float())).to(gate.dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+        y, w, ctx.eps, gate = inputs
+        ctx.save_for_backward(y, w, gate)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # noqa: ANN001
+        y, w, gate = ctx.saved_tensors
+        b, h, length, d = y.shape
+        yf, gf, g = y.float(), gate.float(), grad.float()
+        rstd = torch.rsqrt(yf.square().mean(-1, keepdim=True).add_(ctx.eps))
+        yn = yf * rstd  # (B, H, L, D)
+        sig = torch.sigmoid(gf)
+        g_a = (g * (gf * sig)).unflatten(-1, (h, d)).transpose(1, 2)  # (B, H, L, D)
+        g_gate = g_w = g_y = None
+        if ctx.needs_input_grad[3]:
+            a = (yn * w.float()).transpose(1, 2).flatten(2)
+            g_gate = (g * a).mul_(_silu_slope(gf, sig)).to(gate.dtype)
+        if ctx.needs_input_grad[1]:
+            g_w = (g_a * yn).sum((0, 1, 2)).to(w.dtype)
+        if ctx.needs_input_grad[0]:
+            g_n = g_a * w.float()
+            dot = (g_n * yn).mean(-1, keepdim=True)
+            g_y = g_n.sub_(yn.mul_(dot)).mul_(rstd).to(y.dtype)
+        return g_y, g_w, None, g_gate
+
+
+def norm_gate(y_BHLD: Tensor, weight_D: Tensor, eps: float, gate_BLX: Tensor) -> Tensor:
+    """RMSNorm over each head's D (weight `weight_D`), heads merged to (B, L, H D), times
+    silu(gate) (B, L, H D). Autograd keeps only y, the weight and the gate."""
+    b, h, length, d = y_BHLD.shape
+    if gate_BLX.shape != (b, length, h * d):
+        raise ValueError(f"gate shape {tuple(gate_BLX.shape)}, expected {(b, length, h * d)}")
+    return _NormGate.apply(y_BHLD, weight_D, eps, gate_BLX)
+
+
+def norm_gate_reference(y_BHLD: Tensor, weight_D: Tensor, eps: float, gate_BLX: Tensor) -> Tensor:
+    """The same function from plain ops (the oracle)."""
+    yf = y_BHLD.float()
+    yn = yf * torch.rsqrt(yf.pow(2).mean(-1, keepdim=True) + eps) * weight_D.float()
+    a = yn.transpose(1, 2).reshape(gate_BLX.shape)
+    return (a * F.silu(gate_BLX.float())).to(gate_BLX.dtype)
