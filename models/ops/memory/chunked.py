@@ -101,37 +101,81 @@ class _GroupMatmul(torch.autograd.Function):
     again in backward), and a plain bmm would save the copy: the pieces twice in memory, since
     the writes' backward keeps them too. One bmm per chunk into slices of one output copies
     nothing and is no slower at these sizes (measured: 3.9 vs 4.7 ms for a group of 16).
+
+    What it keeps is the left operand as given, so two cheap maps in front of it are folded in
+    and redone in backward rather than kept: `gelu` (the left operand is gelu(a), a the hidden
+    pre-activation, which the read keeps anyway) and `mask` (the left operand is a ⊙ mask, the
+    decay-weighted scores (a Zᵀ) ⊙ C with C kept for every layer). Several right operands per
+    chunk (bs = r chunks x k sets) give k outputs from one left operand.
     """
 
     @staticmethod
-    def forward(a: Tensor, tr: bool, *bs: Tensor) -> Tensor:
+    def _left(a: Tensor, gelu: bool, mask: Tensor | None) -> Tensor:
+        if gelu:
+            return F.gelu(a)
+        return a if mask is None else a * mask
+
+    @staticmethod
+    def forward(a: Tensor, tr: bool, gelu: bool, mask: Tensor | None, *bs: Tensor):  # noqa: ANN205
         g = bs[0].shape[0]
-        out = a.new_empty(a.shape[0], a.shape[1], bs[0].shape[-2 if tr else -1])
-        for c, b in enumerate(bs):
-            torch.bmm(a[c * g : (c + 1) * g], b.mT if tr else b, out=out[c * g : (c + 1) * g])
-        return out
+        r = a.shape[0] // g
+        left = _GroupMatmul._left(a, gelu, mask)
+        outs = []
+        for j in range(0, len(bs), r):
+            out = a.new_empty(a.shape[0], a.shape[1], bs[j].shape[-2 if tr else -1])
+            for c, b in enumerate(bs[j : j + r]):
+                rows = slice(c * g, (c + 1) * g)
+                torch.bmm(left[rows], b.mT if tr else b, out=out[rows])
+            outs.append(out)
+        return tuple(outs) if len(outs) > 1 else outs[0]
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
-        a, ctx.tr, *bs = inputs
-        ctx.save_for_backward(a, *bs)
+        a, ctx.tr, ctx.gelu, mask, *bs = inputs
+        ctx.has_mask = mask is not None
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(a, *([mask] if ctx.has_mask else []), *bs)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # noqa: ANN001
+    def backward(ctx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:  # noqa: ANN001
         a, *bs = ctx.saved_tensors
-        g = bs[0].shape[0]
-        rows = [slice(c * g, (c + 1) * g) for c in range(len(bs))]
-        ga = None
-        if ctx.needs_input_grad[0]:
-            ga = torch.empty_like(a)
-            for r, b in zip(rows, bs):
-                torch.bmm(grad[r], b if ctx.tr else b.mT, out=ga[r])
-        gbs: list[Tensor | None] = [None] * len(bs)
-        if any(ctx.needs_input_grad[2:]):
-            gbs = [
-                torch.bmm(grad[r].mT, a[r]) if ctx.tr else torch.bmm(a[r].mT, grad[r]) for r in rows
-            ]
-        return (ga, None, *gbs)
+        mask = bs.pop(0) if ctx.has_mask else None
+        g, tr = bs[0].shape[0], ctx.tr
+        r = a.shape[0] // g
+        rows = [slice(c * g, (c + 1) * g) for c in range(r)]
+        sets = [bs[j : j + r] for j in range(0, len(bs), r)]
+        left = _GroupMatmul._left(a, ctx.gelu, mask)  # bitwise the forward's
+        g_left = None
+        if ctx.needs_input_grad[0] or (mask is not None and ctx.needs_input_grad[3]):
+            for grad, b_set in zip(grads, sets):
+                if grad is None:
+                    continue
+                if g_left is None:
+                    g_left = torch.empty_like(a)
+                    for row, b in zip(rows, b_set):
+                        torch.bmm(grad[row], b if tr else b.mT, out=g_left[row])
+                else:
+                    for row, b in zip(rows, b_set):
+                        g_left[row].baddbmm_(grad[row], b if tr else b.mT)
+        gbs: list[Tensor | None] = []
+        for grad in grads:
+            if grad is None or not any(ctx.needs_input_grad[4:]):
+                gbs += [None] * r
+            elif tr:
+                gbs += [torch.bmm(grad[row].mT, left[row]) for row in rows]
+            else:
+                gbs += [torch.bmm(left[row].mT, grad[row]) for row in rows]
+        g_a = g_mask = None
+        if g_left is not None:
+            if ctx.gelu:  # gelu' = Φ + a φ
+                slope = torch.erf(a * _INV_SQRT_2).add_(1.0).mul_(0.5)
+                g_a = g_left.mul_(slope.addcmul_(a, _GeluPair._pdf(a)))
+            elif mask is None:
+                g_a = g_left
+            else:
+                g_mask = g_left * a if ctx.needs_input_grad[3] else None
+                g_a = g_left.mul_(mask) if ctx.needs_input_grad[0] else None
+        return (g_a, None, None, g_mask, *gbs)
 
 
 def _gelu_derivs(p: Tensor) -> tuple[Tensor, Tensor]:
@@ -499,21 +543,30 @@ def _read(
     if rule.retention == "kl":
         x0, s0 = _blocks(torch.stack(sts[0]).flatten(0, 1), m, trs[0])
         return _kl_retrieve(qc, kc, torch.cat(deltas[0]), x0, s0, co, rule.simplex_scale)
-    a = qc
+    # h: the layer's input before its activation (gelu between layers, none before layer 1);
+    # where a product can fold the gelu in (_GroupMatmul), the activation is not kept.
+    h = qc
     for i in range(depth):
-        # layer 1's operands are built for all chunks up front (see memory_chunked)
-        att = co["att1"] if i == 0 else mm(a, True, *zs[i]) * co["C"]
+        act = i > 0
         if trs[i]:
-            y0, y1 = mm(a, True, *sts[i]).chunk(2, dim=-1)
+            if i == 0:  # layer 1's scores are built for all chunks up front (_group_operands)
+                scores, y = co["qk"], mm(h, True, False, None, *sts[i])
+            else:
+                scores, y = mm(h, True, act, None, *zs[i], *sts[i])
+            y0, y1 = y.chunk(2, dim=-1)
             base = torch.addcmul(y0 * co["bc"][..., 0, :], y1, co["bc"][..., 1, :])
-        elif i == 0 and "q_bc" in co:
-            base = mm(co["q_bc"], False, *sts[0])
         else:
-            base = mm(_scale_rows(co["bc"], a), False, *sts[i])
-        h = base - mm(att, False, *deltas[i])
+            a = F.gelu(h) if act else h
+            scores = co["qk"] if i == 0 else mm(a, True, False, None, *zs[i])
+            if i == 0 and "q_bc" in co:
+                base = mm(co["q_bc"], False, False, None, *sts[0])
+            else:
+                base = mm(_scale_rows(co["bc"], a), False, False, None, *sts[i])
+        # (scores ⊙ C) Δ with the masked scores redone in backward, not kept
+        h = base - mm(scores, False, False, co["C"], *deltas[i])
         if norms:
             h = h / norms[i]
-        a = F.gelu(h) if i < depth - 1 else h
+    a = h
     if rule.residual and depth >= 2:
         a = a + qc
     return a
@@ -540,13 +593,13 @@ def _group_operands(
     layer1_rows: bool,
 ) -> dict[str, Tensor]:
     """Coefficients of a group of chunks, plus what its writes and first read layer need
-    without the weights: rv = (k if residual) - v, q ⊙ [β, c] and (Q Kᵀ) ⊙ C."""
+    without the weights: rv = (k if residual) - v, q ⊙ [β, c] and Q Kᵀ."""
     co = _coefficients(gates["th"], gates["lk"], gates.get("le"), last)
     co["rv"] = k_r - v_r if rule.residual and depth >= 2 else -v_r
     if rule.retention != "kl":
         if layer1_rows:
             co["q_bc"] = _scale_rows(co["bc"], q_r)
-        co["att1"] = (q_r @ k_r.mT) * co["C"]
+        co["qk"] = q_r @ k_r.mT
     return co
 
 
