@@ -155,8 +155,9 @@ class _GroupMatmul(torch.autograd.Function):
                     for row, b in zip(rows, b_set):
                         torch.bmm(grad[row], b if tr else b.mT, out=g_left[row])
                 else:
-                    for row, b in zip(rows, b_set):
-                        g_left[row].baddbmm_(grad[row], b if tr else b.mT)
+                    for row, b in zip(rows, b_set):  # out=, not baddbmm_: FLOP counters see it
+                        acc = g_left[row]
+                        torch.baddbmm(acc, grad[row], b if tr else b.mT, out=acc)
         gbs: list[Tensor | None] = []
         for grad in grads:
             if grad is None or not any(ctx.needs_input_grad[4:]):
