@@ -112,6 +112,8 @@ class _GroupMatmul(torch.autograd.Function):
     @staticmethod
     def _left(a: Tensor, gelu: bool, mask: Tensor | None) -> Tensor:
         if gelu:
+            if mask is not None:
+                raise ValueError("_GroupMatmul folds in a gelu or a mask, not both")
             return F.gelu(a)
         return a if mask is None else a * mask
 
