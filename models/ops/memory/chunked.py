@@ -74,8 +74,12 @@ class _GeluPair(torch.autograd.Function):
         return x.square().mul_(-0.5).exp_().mul_(_INV_SQRT_2PI)
 
     @staticmethod
+    def _cdf(x: Tensor) -> Tensor:
+        return torch.erf(x * _INV_SQRT_2).add_(1.0).mul_(0.5)
+
+    @staticmethod
     def forward(x: Tensor) -> tuple[Tensor, Tensor]:
-        cdf = torch.erf(x * _INV_SQRT_2).add_(1.0).mul_(0.5)
+        cdf = _GeluPair._cdf(x)
         gelu = x * cdf
         return gelu, cdf.addcmul_(x, _GeluPair._pdf(x))
 
@@ -114,7 +118,7 @@ class _GroupMatmul(torch.autograd.Function):
         if gelu:
             if mask is not None:
                 raise ValueError("_GroupMatmul folds in a gelu or a mask, not both")
-            return F.gelu(a)
+            return a * _GeluPair._cdf(a)
         return a if mask is None else a * mask
 
     @staticmethod
@@ -146,7 +150,8 @@ class _GroupMatmul(torch.autograd.Function):
         r = a.shape[0] // g
         rows = [slice(c * g, (c + 1) * g) for c in range(r)]
         sets = [bs[j : j + r] for j in range(0, len(bs), r)]
-        left = _GroupMatmul._left(a, ctx.gelu, mask)  # bitwise the forward's
+        cdf = _GeluPair._cdf(a) if ctx.gelu else None  # Φ(a): gelu = a Φ, gelu' = Φ + a φ
+        left = a * cdf if ctx.gelu else _GroupMatmul._left(a, False, mask)  # bitwise the forward's
         g_left = None
         if ctx.needs_input_grad[0] or (mask is not None and ctx.needs_input_grad[3]):
             for grad, b_set in zip(grads, sets):
@@ -170,9 +175,8 @@ class _GroupMatmul(torch.autograd.Function):
                 gbs += [torch.bmm(left[row].mT, grad[row]) for row in rows]
         g_a = g_mask = None
         if g_left is not None:
-            if ctx.gelu:  # gelu' = Φ + a φ
-                slope = torch.erf(a * _INV_SQRT_2).add_(1.0).mul_(0.5)
-                g_a = g_left.mul_(slope.addcmul_(a, _GeluPair._pdf(a)))
+            if cdf is not None:
+                g_a = g_left.mul_(cdf.addcmul_(a, _GeluPair._pdf(a)))
             elif mask is None:
                 g_a = g_left
             else:
@@ -186,7 +190,7 @@ def _gelu_derivs(p: Tensor) -> tuple[Tensor, Tensor]:
     elementwise passes) instead of saved."""
     sq = p.square()
     pdf = sq.mul(-0.5).exp_().mul_(_INV_SQRT_2PI)
-    slope = torch.erf(p * _INV_SQRT_2).add_(1.0).mul_(0.5).addcmul_(p, pdf)
+    slope = _GeluPair._cdf(p).addcmul_(p, pdf)
     return slope, sq.neg_().add_(2.0).mul_(pdf)
 
 
