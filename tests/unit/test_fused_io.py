@@ -22,12 +22,17 @@ def _grads(out: torch.Tensor, inputs: tuple[torch.Tensor, ...], gy: torch.Tensor
 
 
 @pytest.mark.parametrize(
-    ("kernel", "norm_channels", "length"), [(4, 32, 37), (1, 32, 5), (4, 0, 37), (3, 48, 70)]
+    ("kernel", "norm_channels", "length", "rows"),
+    [(4, 32, 37, None), (1, 32, 5, None), (4, 0, 37, 16), (3, 48, 70, 16), (4, 32, 37, 7)],
 )
-def test_conv_silu_norm_matches_reference(kernel: int, norm_channels: int, length: int) -> None:
+def test_conv_silu_norm_matches_reference(
+    kernel: int, norm_channels: int, length: int, rows: int | None
+) -> None:
     """48 channels = q|k|v of 2 heads x 8; the first norm_channels l2-normalised per head.
     One head's input and weight are zeroed and its bias ~1e-13, so its SiLU output is nonzero
-    with a norm under F.normalize's eps: the clamped branch of the backward."""
+    with a norm under F.normalize's eps: the clamped branch of the backward. rows: token blocks
+    (None: the CPU default, one block at these lengths); 16 and 7 leave a partial last block
+    and blocks whose conv windows overlap their neighbours' by K - 1 tokens."""
     gen = torch.Generator().manual_seed(kernel + norm_channels)
     chans = 48
     full = torch.randn(2, length + kernel - 1, chans, generator=gen)
@@ -38,7 +43,7 @@ def test_conv_silu_norm_matches_reference(kernel: int, norm_channels: int, lengt
         w[:HEAD_DIM] = 0.0
         b[:HEAD_DIM] = 1e-13 * torch.arange(1.0, HEAD_DIM + 1)
     inputs = tuple(t.requires_grad_() for t in (full, w, b))
-    got = conv_silu_norm(*inputs, norm_channels, HEAD_DIM)
+    got = conv_silu_norm(*inputs, norm_channels, HEAD_DIM, rows=rows)
     want = conv_silu_norm_reference(*inputs, norm_channels, HEAD_DIM)
     assert got.shape == (2, length, chans)
     assert_close("output", want, got, 1e-6)
@@ -65,14 +70,14 @@ def test_conv_silu_norm_bf16_and_bad_split() -> None:
         conv_silu_norm(full, w, b, 12, HEAD_DIM)
 
 
-@pytest.mark.parametrize(("heads", "length"), [(3, 37), (1, 5)])
-def test_norm_gate_matches_reference(heads: int, length: int) -> None:
+@pytest.mark.parametrize(("heads", "length", "rows"), [(3, 37, None), (1, 5, None), (3, 37, 16)])
+def test_norm_gate_matches_reference(heads: int, length: int, rows: int | None) -> None:
     gen = torch.Generator().manual_seed(heads)
     y = torch.randn(2, heads, length, HEAD_DIM, generator=gen)
     w = torch.randn(HEAD_DIM, generator=gen)
     gate = torch.randn(2, length, heads * HEAD_DIM, generator=gen)
     inputs = tuple(t.requires_grad_() for t in (y, w, gate))
-    got = norm_gate(inputs[0], inputs[1], 1e-6, inputs[2])
+    got = norm_gate(inputs[0], inputs[1], 1e-6, inputs[2], rows=rows)
     want = norm_gate_reference(inputs[0], inputs[1], 1e-6, inputs[2])
     assert_close("output", want, got, 1e-6)
     gy = torch.randn(got.shape, generator=gen)
