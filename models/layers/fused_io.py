@@ -104,7 +104,7 @@ class _ConvSiluNorm(torch.autograd.Function):
         nc, hd, taps = ctx.norm_channels, ctx.head_dim, w.shape[1]
         need_full, need_w, need_b = ctx.needs_input_grad[:3]
         w_f = w.float()
-        g_full = torch.zeros(full.shape, dtype=torch.float32) if need_full else None
+        g_full = w_f.new_zeros(full.shape) if need_full else None  # fp32, w's device
         g_w = w_f.new_zeros(w.shape) if need_w else None
         g_b = w_f.new_zeros(bias.shape) if need_b else None
         for t0, n in _blocks(ctx.length, ctx.rows):
@@ -210,21 +210,21 @@ class _NormGate(torch.autograd.Function):
         g_gate = torch.empty_like(gate) if need_gate else None
         g_w = w_f.new_zeros(w.shape) if need_w else None
         for t0, n in _blocks(y.shape[2], ctx.rows):
-            rows = slice(t0, t0 + n)
-            yf, gf, g = y[:, :, rows].float(), gate[:, rows].float(), grad[:, rows].float()
+            span = slice(t0, t0 + n)
+            yf, gf, g = y[:, :, span].float(), gate[:, span].float(), grad[:, span].float()
             rstd = torch.rsqrt(yf.square().mean(-1, keepdim=True).add_(ctx.eps))
             yn = yf * rstd  # (B, H, n, D)
             sig = torch.sigmoid(gf)
             g_a = (g * (gf * sig)).unflatten(-1, (h, d)).transpose(1, 2)  # (B, H, n, D)
             if g_gate is not None:
                 a = (yn * w_f).transpose(1, 2).flatten(2)
-                g_gate[:, rows] = (g * a).mul_(_silu_slope(gf, sig))
+                g_gate[:, span] = (g * a).mul_(_silu_slope(gf, sig))
             if g_w is not None:
                 g_w += (g_a * yn).sum((0, 1, 2))
             if g_y is not None:
                 g_n = g_a * w_f
                 dot = (g_n * yn).mean(-1, keepdim=True)
-                g_y[:, :, rows] = g_n.sub_(yn.mul_(dot)).mul_(rstd)
+                g_y[:, :, span] = g_n.sub_(yn.mul_(dot)).mul_(rstd)
         return g_y, None if g_w is None else g_w.to(w.dtype), None, g_gate, None
 
 

@@ -87,3 +87,22 @@ def test_norm_gate_matches_reference(heads: int, length: int, rows: int | None) 
         assert_close(f"grad {name}", r, g, 1e-5)
     with pytest.raises(ValueError, match="gate shape"):
         norm_gate(y, w, 1e-6, gate[..., :-1])
+
+
+def test_blocked_nodes_keep_the_inputs_device() -> None:
+    """Every buffer the blocked forward and backward build lives on the inputs' device. Run on
+    the meta device: a buffer made on the default (CPU) device fails there as it would on a GPU,
+    where CI does not run."""
+    dev = torch.device("meta")
+    full = torch.randn(2, 40, 24, device=dev, requires_grad=True)
+    w = torch.randn(24, 4, device=dev, requires_grad=True)
+    b = torch.randn(24, device=dev, requires_grad=True)
+    out = conv_silu_norm(full, w, b, 16, HEAD_DIM, rows=7)
+    out.backward(torch.randn_like(out))
+    y = torch.randn(2, 3, 37, HEAD_DIM, device=dev, requires_grad=True)
+    nw = torch.randn(HEAD_DIM, device=dev, requires_grad=True)
+    gate = torch.randn(2, 37, 3 * HEAD_DIM, device=dev, requires_grad=True)
+    gated = norm_gate(y, nw, 1e-6, gate, rows=16)
+    gated.backward(torch.randn_like(gated))
+    tensors = (out, gated, full.grad, w.grad, b.grad, y.grad, nw.grad, gate.grad)
+    assert [t.device.type for t in tensors] == ["meta"] * len(tensors)
