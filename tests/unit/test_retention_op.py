@@ -206,3 +206,26 @@ def test_dispatch_modes_and_errors(monkeypatch):
         retention(q, k, v, gamma[:2])
     with pytest.raises(ValueError, match="v must be"):
         retention(q, k, v[:, :, :-1], gamma)
+
+
+@pytest.mark.parametrize("form", [retention_recurrent, retention_chunked, retention_parallel])
+def test_forms_keep_the_inputs_device(form):
+    """Every tensor each form builds lives on the inputs' device, with a carried offset too:
+    on the meta device a tensor made on the default (CPU) device fails as it would on a GPU,
+    where CI does not run."""
+    meta = torch.device("meta")
+    q, k, v, h0, _, _ = _inputs(9, with_state=True, normalize_scores=True)
+    q, k, v, h0 = (t.to(meta) for t in (q, k, v, h0))
+    kw = {"chunk_size": 4} if form is retention_chunked else {}
+    o, state = form(
+        q,
+        k,
+        v,
+        retnet_decay(H).to(meta),
+        initial_state=h0,
+        offset=3,
+        normalize_decay=True,
+        normalize_scores=True,
+        **kw,
+    )
+    assert (o.device, state.device) == (meta, meta)

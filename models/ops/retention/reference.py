@@ -104,7 +104,8 @@ def retention_recurrent(
     # running row sum of D: c = gamma c + 1 per token, started at sum_{j<offset} gamma^j
     c = q.new_zeros(1, H, 1)
     if offset > 0:
-        c = decay_row_sums(torch.log(decay_H.float()), torch.tensor([offset - 1])).view(1, H, 1)
+        pos = torch.tensor([offset - 1], device=decay_H.device)
+        c = decay_row_sums(torch.log(decay_H.float()), pos).view(1, H, 1)
 
     outs = []
     for n in range(L):
