@@ -3,7 +3,8 @@
 - logits (B, L, vocab);
 - causal: changing tokens after t never changes logits at <= t;
 - piecewise: feeding pieces (multiples of `model.stream_multiple`) with the carried
-  `out.state` gives the logits of feeding the whole sequence.
+  `out.state` gives the logits of feeding the whole sequence;
+- device: forward, backward and a carried-state step build nothing off the model's device.
 Tolerance: relative RMS 1e-4 in fp32 (the same math in another order).
 """
 
@@ -68,3 +69,22 @@ def test_piecewise_equals_whole(model):
         parts.append(out.logits)
         state = out.state
     assert_close("piecewise logits", whole, torch.cat(parts, dim=1), 1e-4)
+
+
+@pytest.mark.parametrize("name", _tiny_sequence_models())
+def test_everything_stays_on_the_models_device(name):
+    """Built, run, back-propagated and continued from its state on the meta device: a tensor
+    made on the default (CPU) device anywhere in the model, its ops or their backward fails
+    here as it would on a GPU, where CI does not run (as the fused conv's gradient buffer
+    once was)."""
+    meta = torch.device("meta")
+    with meta:
+        model = models.build(name)
+    x = torch.randint(0, _vocab(model), (2, 128), device=meta)
+    out = model(x)
+    out.logits.float().sum().backward()
+    nxt = model(x[:, :64], state=out.state)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads, "no parameter got a gradient"
+    tensors = [out.logits, nxt.logits, *grads]
+    assert {t.device for t in tensors} == {meta}
