@@ -42,7 +42,7 @@ def block_rows(x_BLC: Tensor) -> int:
     return max(1, min(length, budget // max(1, b * c)))
 
 
-def _blocks(length: int, rows: int) -> list[tuple[int, int]]:
+def _spans(length: int, rows: int) -> list[tuple[int, int]]:
     """(start, size) of consecutive token blocks covering 0..length."""
     return [(t0, min(rows, length - t0)) for t0 in range(0, length, rows)]
 
@@ -85,7 +85,7 @@ class _ConvSiluNorm(torch.autograd.Function):
     ) -> Tensor:
         taps = w.shape[1]
         out = full.new_empty(full.shape[0], length, full.shape[2])
-        for t0, n in _blocks(length, rows):
+        for t0, n in _spans(length, rows):
             piece = full[:, t0 : t0 + n + taps - 1]
             out[:, t0 : t0 + n] = _ConvSiluNorm._forward(
                 piece, w, bias, n, norm_channels, head_dim
@@ -107,7 +107,7 @@ class _ConvSiluNorm(torch.autograd.Function):
         g_full = w_f.new_zeros(full.shape) if need_full else None  # fp32, w's device
         g_w = w_f.new_zeros(w.shape) if need_w else None
         g_b = w_f.new_zeros(bias.shape) if need_b else None
-        for t0, n in _blocks(ctx.length, ctx.rows):
+        for t0, n in _spans(ctx.length, ctx.rows):
             piece = full[:, t0 : t0 + n + taps - 1]
             o, sig, y, norm = _ConvSiluNorm._forward(piece, w, bias, n, nc, hd)
             g = grad[:, t0 : t0 + n].float().clone()  # worked on in place
@@ -188,7 +188,7 @@ class _NormGate(torch.autograd.Function):
     @staticmethod
     def forward(y: Tensor, w: Tensor, eps: float, gate: Tensor, rows: int) -> Tensor:
         out = torch.empty_like(gate)
-        for t0, n in _blocks(y.shape[2], rows):
+        for t0, n in _spans(y.shape[2], rows):
             out[:, t0 : t0 + n] = _NormGate._forward(
                 y[:, :, t0 : t0 + n], w, eps, gate[:, t0 : t0 + n]
             )
@@ -209,7 +209,7 @@ class _NormGate(torch.autograd.Function):
         g_y = torch.empty_like(y) if need_y else None
         g_gate = torch.empty_like(gate) if need_gate else None
         g_w = w_f.new_zeros(w.shape) if need_w else None
-        for t0, n in _blocks(y.shape[2], ctx.rows):
+        for t0, n in _spans(y.shape[2], ctx.rows):
             span = slice(t0, t0 + n)
             yf, gf, g = y[:, :, span].float(), gate[:, span].float(), grad[:, span].float()
             rstd = torch.rsqrt(yf.square().mean(-1, keepdim=True).add_(ctx.eps))
