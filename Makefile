@@ -3,8 +3,12 @@ SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# The CPU build of torch lies on disk here; override for another build (e.g. TORCH_SPEC=torch==2.11.0).
+# CPU-only hosts get TORCH_SPEC installed first, then everything else under constraints-cpu.txt
+# (which pins the same torch). Here the CPU wheel is what pip finds; on an ordinary Linux host
+# pip's default index serves the multi-GB CUDA build, so point it at PyTorch's CPU wheels:
+#   make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
 HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 STAMP := $(VENV)/.installed
 RUN_ARGS ?=
@@ -22,7 +26,7 @@ ifeq ($(HAS_CUDA),1)
 else
 	@echo "[setup] CPU host: pinning $(TORCH_SPEC) (CPU build)"
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	PIP_CONSTRAINT=$(CURDIR)/constraints-cpu.txt $(PY) -m pip install -q -e '.[dev]'
 endif
 	@touch $(STAMP)

@@ -1,4 +1,4 @@
-"""The sequence-model output contract of DESIGN.md: `out.logits`, `out.state`."""
+"""The sequence-model output contract (docs/ARCHITECTURE.md, Models): `out.logits`, `out.state`."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Shared test helpers: relative-RMS comparison as fla's tests use it (STYLE.md habit 3)."""
+"""Shared test helpers: relative-RMS comparison as fla's tests use it (see docs/ARCHITECTURE.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Aaren (Feng et al. 2024, "Attention as an RNN", MODELS.md section 6) stacked as an LM.
+"""Aaren (Feng et al. 2024, "Attention as an RNN", docs/models.md, Aaren) stacked as an LM.
 
 Legend: B batch, L tokens, D model width, H heads, Dh head dim.
 

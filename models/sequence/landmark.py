@@ -1,4 +1,4 @@
-"""Landmark Attention (Mohtashami & Jaggi 2023, MODELS.md section 4): a rotary/SwiGLU decoder
+"""Landmark Attention (Mohtashami & Jaggi 2023, docs/models.md, Landmark): a rotary/SwiGLU decoder
 whose attention reaches past blocks only through their landmark tokens.
 
 Legend: B batch, H heads, n tokens of a piece, n' the piece with landmarks, T local keys,

@@ -1,4 +1,4 @@
-"""LightNet (Qin et al. 2024, "You Only Scan Once", MODELS.md section 5): additive recurrence.
+"""LightNet (Qin et al. 2024, "You Only Scan Once", docs/models.md, LightNet): additive recurrence.
 
 Legend: B batch, H heads, L tokens, N chunks, C chunk size, K key dim, V value dim, A axes.
 

@@ -1,7 +1,7 @@
 """DeepSpeed ZeRO 1/2/3 from a generated config, with our AdamW and LR schedule as clients.
 
 Client optimizer/scheduler (not ones named in the DS config) because DS JIT-compiles its own
-optimizers (45-52 s here, ENV-NOTES.md) and so the LR curve is identical across strategies.
+optimizers (45-52 s here, docs/environment.md) and so the LR curve is identical across strategies.
 """
 
 from __future__ import annotations

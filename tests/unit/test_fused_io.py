@@ -1,5 +1,5 @@
 """The memory layer's fused ends (models/layers/fused_io.py) against their plain-op oracles:
-outputs and gradients of every input, odd lengths, batch 2, several heads (STYLE.md habit 3)."""
+outputs and gradients of every input, odd lengths, batch 2, several heads (docs/ARCHITECTURE.md)."""
 
 from __future__ import annotations
 

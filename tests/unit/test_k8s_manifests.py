@@ -1,6 +1,6 @@
 """The KubeRay manifests under k8s/: valid, safe, up to date, and running the recipe's flags.
 
-- RayJob / RayCluster against KubeRay's own CRD schemas (../shared/schemas/kuberay), made
+- RayJob / RayCluster against KubeRay's own CRD schemas (vendored in k8s/crds/kuberay), made
   strict the way `kubectl apply` (server-side field validation) is: an unknown field is an
   error, not silently pruned. CEL rules (x-kubernetes-validations) are not evaluated here.
 - Core objects and every pod template inside the CRs against the Kubernetes OpenAPI schemas
@@ -33,7 +33,7 @@ from system.cli import recipe_parser, resolve
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S_ROOT = ROOT / "k8s"
-CRD_DIR = ROOT.parent / "shared" / "schemas" / "kuberay"
+CRD_DIR = K8S_ROOT / "crds" / "kuberay"  # vendored copy; SOURCE.md there says from where
 CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml"}
 K8S_VERSION = "1.33.0"  # a release kubernetes-validate bundles; KubeRay supports 1.23+
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: 2 MB CRDs in ~2 s, not ~20 s
@@ -67,8 +67,8 @@ def _strict(node: Any) -> Any:
 def crd_validators() -> dict[str, jsonschema.Draft7Validator]:
     if not CRD_DIR.is_dir():
         pytest.fail(
-            f"KubeRay CRD schemas not found at {CRD_DIR}: the repo expects the shared/ "
-            "folder beside it (../shared/schemas/kuberay, as on CI)"
+            f"KubeRay CRD schemas not found at {CRD_DIR}: they are part of the repository "
+            "(k8s/crds/refresh.sh REF fetches them again)"
         )
     validators = {}
     for kind, fname in CRD_FILES.items():

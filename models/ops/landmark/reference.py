@@ -2,7 +2,7 @@
 
 Legend: ... leading dims (B, H), L tokens (queries = keys), F = mem_freq, D head dim.
 
-Layout (MODELS.md section 4, epfml/landmark-attention): the sequence is cut into sections of
+Layout (docs/models.md, Landmark; epfml/landmark-attention): the sequence is cut into sections of
 F + 1 positions, F ordinary tokens followed by one landmark token; section of position p is
 p // (F + 1) and p is a landmark iff p % (F + 1) == F. The last section may be incomplete.
 

@@ -10,7 +10,7 @@ Linear recurrence h_t = a_t h_{t-1} + x_t: the pairs (A, X) compose as
 The backward is the same scan run in reverse (g_t = dh_t + a_{t+1} g_{t+1}), so it stores
 only a, h and h0 instead of the log2(L) intermediate levels autograd would keep.
 
-Aaren (MODELS.md section 6): (m, u, w) with the max-shifted associative operator. Leaves are
+Aaren (docs/models.md, Aaren): (m, u, w) with the max-shifted associative operator. Leaves are
 (s_i, 1, v_i) written as m_i = s_i.detach(), u_i = exp(s_i - m_i): the shift is a constant for
 autograd (o = w / u does not depend on it), so gradients reach s only through u and w.
 """

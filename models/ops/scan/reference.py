@@ -2,7 +2,7 @@
 
 Legend: ... any leading dims (B or B, H), L time (always dim -2 of x / v), D features.
 - Linear recurrence h_t = a_t * h_{t-1} + x_t (elementwise), h_{-1} = h0 or 0.
-- Aaren (MODELS.md section 6): the softmax attention of one query over tokens 1..k as an RNN
+- Aaren (docs/models.md, Aaren): the softmax attention of one query over tokens 1..k as an RNN
   with state (m, u, w): m = running max of the scores s, u = sum exp(s_i - m),
   w = sum exp(s_i - m) v_i, output o_k = w_k / u_k. A score of -inf is an ignored token.
 """
