@@ -4,7 +4,7 @@ One function, `attention(q, k, v, ...)`, serves every model: causal with a query
 cache), sliding windows, and an always-visible key prefix (Titans' persistent memory). The
 backend is picked per call by `backend=` or globally by `set_backend()` / the environment
 variable MNEMO_ATTN_BACKEND (auto | flash | sdpa), so tests can force each path
-(STYLE.md habit 7). Shapes: q (B, H, Lq, D); k, v (B, Hkv, Lk, D) with H % Hkv == 0.
+(fla's `mode=` habit). Shapes: q (B, H, Lq, D); k, v (B, Hkv, Lk, D) with H % Hkv == 0.
 Query i sits at absolute position `q_offset + i`; key j at position j.
 """
 
@@ -14,6 +14,8 @@ import os
 
 import torch
 import torch.nn.functional as F
+
+from models.layers.precision import upcast
 
 BACKENDS = ("auto", "flash", "sdpa")
 _backend = os.environ.get("MNEMO_ATTN_BACKEND", "auto")
@@ -186,9 +188,9 @@ def reference_attention(
 ) -> torch.Tensor:
     """Plain softmax(QK^T) V in fp32 with an explicit boolean mask: the oracle for tests."""
     rep = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(rep, dim=1).float()
-    v = v.repeat_interleave(rep, dim=1).float()
-    s = (q.float() @ k.transpose(-1, -2)) * (scale or q.shape[-1] ** -0.5)
+    k = upcast(k.repeat_interleave(rep, dim=1), q)
+    v = upcast(v.repeat_interleave(rep, dim=1), q)
+    s = (upcast(q) @ k.transpose(-1, -2)) * (scale or q.shape[-1] ** -0.5)
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
     return (s.softmax(-1) @ v).to(q.dtype)

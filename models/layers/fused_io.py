@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from models.layers.precision import upcast
+
 # F.normalize's default: x / max(||x||, eps)
 NORM_EPS = 1e-12
 
@@ -54,16 +56,17 @@ def _silu_slope(o: Tensor, sig: Tensor) -> Tensor:
 
 class _ConvSiluNorm(torch.autograd.Function):
     """out = silu(bias + Σ_j w[:, j] ⊙ full[:, t + j]), the first `norm_channels` channels then
-    l2-normalised per group of `head_dim`. Computed in fp32, returned in full's dtype."""
+    l2-normalised per group of `head_dim`. Computed in fp32 (float64 for float64 input,
+    `models.layers.precision`), returned in full's dtype."""
 
     @staticmethod
     def _forward(
         full: Tensor, w: Tensor, bias: Tensor, length: int, norm_channels: int, head_dim: int
     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        f = full.float()
-        o = torch.addcmul(bias.float(), f[:, :length], w[:, 0].float())
+        f = upcast(full)
+        o = torch.addcmul(upcast(bias, f), f[:, :length], upcast(w[:, 0], f))
         for j in range(1, w.shape[1]):
-            o.addcmul_(f[:, j : j + length], w[:, j].float())
+            o.addcmul_(f[:, j : j + length], upcast(w[:, j], f))
         sig = torch.sigmoid(o)
         s = o * sig
         norm = None
@@ -103,14 +106,14 @@ class _ConvSiluNorm(torch.autograd.Function):
         full, w, bias = ctx.saved_tensors
         nc, hd, taps = ctx.norm_channels, ctx.head_dim, w.shape[1]
         need_full, need_w, need_b = ctx.needs_input_grad[:3]
-        w_f = w.float()
+        w_f = upcast(w, full)
         g_full = w_f.new_zeros(full.shape) if need_full else None  # fp32, w's device
         g_w = w_f.new_zeros(w.shape) if need_w else None
         g_b = w_f.new_zeros(bias.shape) if need_b else None
         for t0, n in _spans(ctx.length, ctx.rows):
             piece = full[:, t0 : t0 + n + taps - 1]
             o, sig, y, norm = _ConvSiluNorm._forward(piece, w, bias, n, nc, hd)
-            g = grad[:, t0 : t0 + n].float().clone()  # worked on in place
+            g = upcast(grad[:, t0 : t0 + n], full).clone()  # worked on in place
             if nc:
                 # d(s / n) = (g - y (y . g)) / n where ||s|| > eps; plain g / eps where clamped
                 yn, gn = (t[..., :nc].unflatten(-1, (-1, hd)) for t in (y, g))
@@ -120,7 +123,7 @@ class _ConvSiluNorm(torch.autograd.Function):
             # silu'(o) = σ (1 + o (1 - σ)), built in σ's memory
             g_o = g.mul_(sig.mul_((1.0 - sig).mul_(o).add_(1.0)))
             del o, sig
-            f = piece.float()
+            f = upcast(piece)
             for j in range(taps):
                 if g_full is not None:
                     g_full[:, t0 + j : t0 + j + n].addcmul_(g_o, w_f[:, j])
@@ -166,8 +169,9 @@ def conv_silu_norm_reference(
     full_BJC: Tensor, weight_CK: Tensor, bias_C: Tensor, norm_channels: int = 0, head_dim: int = 1
 ) -> Tensor:
     """The same function from plain ops (the oracle): conv1d, F.silu, F.normalize."""
-    x = full_BJC.float().mT  # (B, C, K-1+L)
-    o = F.conv1d(x, weight_CK.float().unsqueeze(1), bias_C.float(), groups=x.shape[1]).mT
+    x = upcast(full_BJC).mT  # (B, C, K-1+L)
+    w, b = upcast(weight_CK, x).unsqueeze(1), upcast(bias_C, x)
+    o = F.conv1d(x, w, b, groups=x.shape[1]).mT
     s = F.silu(o)
     if norm_channels:
         part = F.normalize(s[..., :norm_channels].unflatten(-1, (-1, head_dim)), dim=-1)
@@ -176,14 +180,15 @@ def conv_silu_norm_reference(
 
 
 class _NormGate(torch.autograd.Function):
-    """(RMSNorm_D(y) ⊙ w) with heads merged, times silu(gate). fp32 inside, gate's dtype out."""
+    """(RMSNorm_D(y) ⊙ w) with heads merged, times silu(gate). fp32 inside (float64 for
+    float64 y), gate's dtype out."""
 
     @staticmethod
     def _forward(y: Tensor, w: Tensor, eps: float, gate: Tensor) -> Tensor:
-        yf = y.float()
+        yf = upcast(y)
         rstd = torch.rsqrt(yf.square().mean(-1, keepdim=True).add_(eps))
-        a = (yf * rstd).mul_(w.float()).transpose(1, 2).flatten(2)  # (B, L, H D)
-        return a.mul_(F.silu(gate.float()))
+        a = (yf * rstd).mul_(upcast(w, yf)).transpose(1, 2).flatten(2)  # (B, L, H D)
+        return a.mul_(F.silu(upcast(gate, yf)))
 
     @staticmethod
     def forward(y: Tensor, w: Tensor, eps: float, gate: Tensor, rows: int) -> Tensor:
@@ -205,13 +210,14 @@ class _NormGate(torch.autograd.Function):
         y, w, gate = ctx.saved_tensors
         need_y, need_w, _, need_gate = ctx.needs_input_grad[:4]
         h, d = y.shape[1], y.shape[3]
-        w_f = w.float()
+        w_f = upcast(w, y)
         g_y = torch.empty_like(y) if need_y else None
         g_gate = torch.empty_like(gate) if need_gate else None
         g_w = w_f.new_zeros(w.shape) if need_w else None
         for t0, n in _spans(y.shape[2], ctx.rows):
             span = slice(t0, t0 + n)
-            yf, gf, g = y[:, :, span].float(), gate[:, span].float(), grad[:, span].float()
+            yf = upcast(y[:, :, span])
+            gf, g = upcast(gate[:, span], yf), upcast(grad[:, span], yf)
             rstd = torch.rsqrt(yf.square().mean(-1, keepdim=True).add_(ctx.eps))
             yn = yf * rstd  # (B, H, n, D)
             sig = torch.sigmoid(gf)
@@ -243,7 +249,7 @@ def norm_gate(
 
 def norm_gate_reference(y_BHLD: Tensor, weight_D: Tensor, eps: float, gate_BLX: Tensor) -> Tensor:
     """The same function from plain ops (the oracle)."""
-    yf = y_BHLD.float()
-    yn = yf * torch.rsqrt(yf.pow(2).mean(-1, keepdim=True) + eps) * weight_D.float()
+    yf = upcast(y_BHLD)
+    yn = yf * torch.rsqrt(yf.pow(2).mean(-1, keepdim=True) + eps) * upcast(weight_D, yf)
     a = yn.transpose(1, 2).reshape(gate_BLX.shape)
-    return (a * F.silu(gate_BLX.float())).to(gate_BLX.dtype)
+    return (a * F.silu(upcast(gate_BLX, yf))).to(gate_BLX.dtype)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.layers.precision import compute_dtype, upcast
 from models.layers.segment_scan import autocast_state, replay_autocast
 
 
@@ -28,7 +29,7 @@ def _ce_sum(
 ) -> Tensor:
     if norm is not None:
         h_BTD = norm(h_BTD)
-    logits = (h_BTD @ weight_VD.t()).float()
+    logits = upcast(h_BTD @ weight_VD.t())
     ce = F.cross_entropy(logits.flatten(0, 1), targets_BT.flatten(), reduction="none")
     return (ce * mask_BT.flatten()).sum()
 
@@ -37,7 +38,7 @@ def _ce_chunks(
     h: Tensor, weight: Tensor, targets: Tensor, mask: Tensor, norm: nn.Module | None, chunk: int
 ) -> Tensor:
     """Σ of _ce_sum over chunks of `chunk` positions (only one chunk's logits alive)."""
-    total = h.new_zeros((), dtype=torch.float32)
+    total = h.new_zeros((), dtype=compute_dtype(h.dtype))
     for s in range(0, h.shape[1], chunk):
         e = s + chunk
         total = total + _ce_sum(h[:, s:e], weight, targets[:, s:e], mask[:, s:e], norm)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from models.layers.precision import upcast
+
 
 def rope_angles(
     positions: torch.Tensor, head_dim: int, theta: float = 10000.0
@@ -17,8 +19,8 @@ def rope_angles(
 
 
 def apply_rope(x_BHLD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[2i], x[2i+1]) by the position's angle; computed in fp32."""
-    x = x_BHLD.float()
+    """Rotate pairs (x[2i], x[2i+1]) by the position's angle; computed in fp32 (float64 kept)."""
+    x = upcast(x_BHLD)
     x1, x2 = x[..., 0::2], x[..., 1::2]
     y1 = x1 * cos - x2 * sin
     y2 = x1 * sin + x2 * cos

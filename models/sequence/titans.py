@@ -1,4 +1,5 @@
-"""Titans (MODELS.md §1) and its Miras variants (§2): the NeuralMemory layer, then the models.
+"""Titans (Behrouz et al. 2024) and its Miras variants (Behrouz et al. 2025): the NeuralMemory
+layer, then the models.
 
 Legend: B batch, L length, C model width (`dim`), H heads, D head width, K conv kernel.
 
@@ -31,6 +32,7 @@ from models.layers.fused_io import conv_silu_norm, norm_gate
 from models.layers.loss import chunked_lm_loss
 from models.layers.mlp import SwiGLU, swiglu_hidden
 from models.layers.norms import RMSNorm
+from models.layers.precision import upcast
 from models.layers.rotary import apply_rope, rope_angles
 from models.layers.segment_scan import checkpointed_scan
 from models.ops.memory import MemoryRule, MemoryState, neural_memory
@@ -45,14 +47,17 @@ class NeuralMemoryState:
 
     memory: per-layer memory weights / accumulators and momentum, (B, H, d_in, d_out) each.
     conv: the last K-1 projected q|k|v inputs of the causal conv, (B, 3 H D, K-1).
+    aligned: False after a piece whose length is not a multiple of the chunk size: the memory's
+    chunks would not line up with the whole sequence's, so the layer refuses to continue from it.
     """
 
     memory: MemoryState
     conv: Tensor
+    aligned: bool = True
 
     def detach(self) -> NeuralMemoryState:
         """Cut the graph between pieces (truncated BPTT)."""
-        return NeuralMemoryState(self.memory.detach(), self.conv.detach())
+        return NeuralMemoryState(self.memory.detach(), self.conv.detach(), self.aligned)
 
     def tensors(self) -> list[Tensor]:
         """Flat list: weights, momentum (if any), conv cache (for `checkpointed_scan`)."""
@@ -68,7 +73,11 @@ class NeuralMemory(nn.Module):
     """Titans long-term memory layer: y, state = mem(x, state) with x, y (B, L, dim).
 
     Feeding a sequence in pieces whose lengths are multiples of `chunk_size`, each with the
-    previous piece's state, gives the same y as feeding it whole (chunk boundaries line up).
+    previous piece's state, gives the same y as feeding it whole (chunk boundaries line up); a
+    shorter last piece is exact too, but its state cannot be continued (ValueError).
+    norm=True (the default, Miras' M(x) = x + LN(MLP(x)), as titans-pytorch's `ResidualNorm`)
+    puts a LayerNorm on the MLP memory's answer (depth >= 2); the Triton kernels do not cover
+    it, so impl='auto' runs the chunked form for it.
     attn_bias / retention pick the Miras variant (Moneta: lp + lq, Yaad: huber, Memora: kl
     with depth 1; momentum=False for those, as in Miras). impl='reference' runs the token loop
     (tests); checkpoint=True trades ~1/3 more compute for activation memory ~sqrt(L).
@@ -89,6 +98,7 @@ class NeuralMemory(nn.Module):
         max_lr: float = 0.1,
         impl: str = "chunked",
         checkpoint: bool = False,
+        norm: bool = True,
     ) -> None:
         super().__init__()
         if head_dim is None and dim % heads:
@@ -102,7 +112,7 @@ class NeuralMemory(nn.Module):
         self.max_lr, self.impl, self.kernel = max_lr, impl, conv_kernel
         # Recompute memory chunks in backward: activation memory grows like sqrt(L), not L.
         self.checkpoint = checkpoint
-        self.rule = MemoryRule(attn_bias=attn_bias, retention=retention)
+        self.rule = MemoryRule(attn_bias=attn_bias, retention=retention, norm=norm)
         self.use_momentum = momentum
         inner = heads * head_dim
 
@@ -180,6 +190,14 @@ class NeuralMemory(nn.Module):
         b, length, _ = x_BLC.shape
         if state is None:
             state = self.initial_state(b)
+        elif not state.aligned:
+            raise ValueError(
+                f"this state follows a piece whose length was not a multiple of chunk_size="
+                f"{self.chunk_size}: continuing from it would not equal the whole sequence (the "
+                f"memory's chunks would not line up); feed pieces of multiples of "
+                f"{self.chunk_size} tokens (only a sequence's last piece may be shorter); got a "
+                f"next piece of {length}"
+            )
         piece = self.chunk_size * max(1, self.CPU_PIECE_TOKENS // (b * self.chunk_size))
         if x_BLC.device.type != "cpu" or length <= piece:
             return self._forward(x_BLC, state)
@@ -197,7 +215,7 @@ class NeuralMemory(nn.Module):
         u = conv_silu_norm(full, self.conv_weight[:, 0], self.conv_bias, 2 * inner, self.head_dim)
         q, k, v = (self._split_heads(t) for t in u.chunk(3, dim=-1))
 
-        g = self.gates(x_BLC).float().view(b, length, self.num_gates, self.heads)
+        g = upcast(self.gates(x_BLC)).view(b, length, self.num_gates, self.heads)
         g = g.permute(2, 0, 3, 1)  # (gate, B, H, L)
         theta = self.max_lr * torch.sigmoid(g[0])
         eta = torch.sigmoid(g[1]) if self.use_momentum else None
@@ -218,7 +236,8 @@ class NeuralMemory(nn.Module):
             impl=self.impl,
             **({"checkpoint": True} if self.checkpoint else {}),
         )
-        return self._output(x_BLC, y), NeuralMemoryState(mem, conv_cache)
+        aligned = length % self.chunk_size == 0
+        return self._output(x_BLC, y), NeuralMemoryState(mem, conv_cache, aligned)
 
     def retrieve(self, x_or_q: Tensor, state: NeuralMemoryState | None = None) -> Tensor:
         """Read the memory without writing (MAC reads the state before a segment).
@@ -236,11 +255,16 @@ class NeuralMemory(nn.Module):
         full = self._conv_input(u, u.new_zeros(batch, inner, self.kernel - 1))[0]
         w, bias = self.conv_weight[:inner, 0], self.conv_bias[:inner]
         q = self._split_heads(conv_silu_norm(full, w, bias, inner, self.head_dim))
-        return self._output(x_or_q, memory_retrieve(memory, q.float(), self.rule))
+        return self._output(x_or_q, memory_retrieve(memory, q, self.rule))
 
 
 # ---------------------------------------------------------------------------------------------
 # Titans models (§4): LMM, MAC, MAG, MAL. Miras models reuse them (models/sequence/miras.py).
+
+
+# The largest memory step size a depth >= 2 memory without its LayerNorm is allowed
+# (TitansConfig.max_lr's comment has the measurements).
+MAX_LR_WITHOUT_NORM = 0.02
 
 
 @dataclass(kw_only=True)
@@ -264,8 +288,14 @@ class TitansConfig:
     attn_bias: str = "l2"
     retention: str = "l2"
     momentum: bool = True
+    # M(x) = x + LN(MLP(x)) (Miras; titans-pytorch's ResidualNorm): see models/ops/memory.
+    # The Triton kernels do not cover it, so with mem_norm=True "auto" runs the chunked form.
+    mem_norm: bool = True
     # Step-size ceiling of the memory. The loss is a sum of squares over D features (not a
-    # mean as in titans-pytorch), so 0.02 here is ~1.3 there; 0.05+ diverged at 1k tokens.
+    # mean as in titans-pytorch), so 0.02 here is ~1.3 there. Without the norm nothing bounds
+    # the MLP's answer: its curvature grows with the weights, and 0.05 made MAC-tiny NaN within
+    # 96 tokens (weights ~1e4 after 64), so mem_norm=False at depth >= 2 allows max_lr <= 0.02
+    # (MAX_LR_WITHOUT_NORM). With the norm, MAC-tiny stayed finite at 0.02-1.0 over 512 tokens.
     max_lr: float = 0.02
     # Long-context memory savers: checkpoint the memory every `mem_checkpoint` tokens (MAC: per
     # segment) so only the state at those boundaries is kept; cross-entropy in chunks of
@@ -281,6 +311,14 @@ class TitansConfig:
     mem_impl: str = "auto"
 
     def __post_init__(self) -> None:
+        if not 0.0 < self.max_lr < math.inf:
+            raise ValueError(f"max_lr={self.max_lr} must be a finite value > 0")
+        if not self.mem_norm and self.mem_depth >= 2 and self.max_lr > MAX_LR_WITHOUT_NORM:
+            raise ValueError(
+                f"max_lr={self.max_lr} with mem_norm=False and mem_depth={self.mem_depth}: the "
+                f"memory diverges (NaN) above this range; allowed (0, {MAX_LR_WITHOUT_NORM}], or "
+                "set mem_norm=True (M(x) = x + LN(MLP(x)), stable at larger max_lr)"
+            )
         if self.variant not in ("lmm", "mac", "mag", "mal"):
             raise ValueError(f"variant={self.variant!r}; expected lmm, mac, mag or mal")
         if self.dim % self.n_heads or self.dim % self.mem_heads:
@@ -410,6 +448,7 @@ class TitansBlock(nn.Module):
             momentum=cfg.momentum,
             max_lr=cfg.max_lr,
             impl=cfg.mem_impl,
+            norm=cfg.mem_norm,
         )
         if cfg.variant == "mac":
             self.attn = SegmentAttention(cfg)
@@ -474,7 +513,9 @@ class TitansBlock(nn.Module):
         mem = mem or self.memory.initial_state(x.shape[0])
         params = [p for p in owner.parameters() if p.requires_grad]
         y, ts = checkpointed_scan(step, x, mem.tensors(), params, seg)
-        return y, NeuralMemoryState.from_tensors(ts, depth)
+        out = NeuralMemoryState.from_tensors(ts, depth)
+        out.aligned = x.shape[1] % self.cfg.chunk_size == 0
+        return y, out
 
     def _mac_segment(self, x_seg: Tensor, mem: NeuralMemoryState | None):
         u = self.mem_norm(x_seg)
@@ -499,7 +540,9 @@ class TitansBlock(nn.Module):
 
 class Titans(nn.Module):
     """`model(tokens (B, L), state=None) -> SeqOutput(logits, state)`; state = per-layer memory
-    (+ sliding-window KV cache for MAG / MAL). Pieces must be multiples of `stream_multiple`."""
+    (+ sliding-window KV cache for MAG / MAL). Pieces must be multiples of `stream_multiple`
+    (the memory's chunks and MAC's segments line up with the whole sequence's); a sequence's
+    last piece may be shorter, and continuing from its state raises ValueError."""
 
     def __init__(self, cfg: TitansConfig) -> None:
         super().__init__()
@@ -525,6 +568,16 @@ class Titans(nn.Module):
         targets: Tensor | None = None,
         loss_mask: Tensor | None = None,
     ) -> SeqOutput:
+        if state:
+            done, mult = state[0].get("pos", 0), self.stream_multiple
+            if done % mult:
+                raise ValueError(
+                    f"this state follows pieces totalling {done} tokens, not a multiple of "
+                    f"stream_multiple={mult}: a piece ended {done % mult} tokens past a multiple "
+                    f"of {mult}, so continuing would not equal feeding the sequence whole. Feed "
+                    f"pieces of multiples of {mult} tokens; only the last piece of a sequence "
+                    "may be shorter (its own logits are exact)"
+                )
         x = self.embed(tokens)
         # each block copies the dict it is given (TitansBlock.forward), so no copy here
         states = list(state) if state is not None else [{} for _ in self.layers]
@@ -593,6 +646,8 @@ def _sized(variant: str, size: tuple[int, int, int, int], **extra) -> Callable[[
     )
 
 
+TITANS_PAPER = 'Behrouz, Zhong & Mirrokni 2024, "Titans", arXiv:2501.00663'
+
 for _variant in ("lmm", "mac", "mag", "mal"):
     register(
         ModelSpec(
@@ -600,6 +655,7 @@ for _variant in ("lmm", "mac", "mag", "mal"):
             family="titans",
             config_fn=_titans(_variant),
             builder=Titans,
+            paper=TITANS_PAPER,
         )
     )
     _table = _LMM_SIZES if _variant == "lmm" else _HYBRID_SIZES
@@ -607,7 +663,11 @@ for _variant in ("lmm", "mac", "mag", "mal"):
         _name = f"titans-{_variant}-{_size}"
         register(
             ModelSpec(
-                name=_name, family="titans", config_fn=_sized(_variant, _dims), builder=Titans
+                name=_name,
+                family="titans",
+                config_fn=_sized(_variant, _dims),
+                builder=Titans,
+                paper=TITANS_PAPER,
             )
         )
         NOMINAL_PARAMS[_name] = float(_size[:-1]) * 1e6

@@ -272,3 +272,93 @@ def test_titans_write_backward_gradcheck(depth: int, m: int) -> None:
     torch.autograd.grad(outs, args, grads)
     for gr, k in zip(grads, kept):
         assert torch.equal(gr, k), "an incoming gradient was modified in place"
+
+
+NORM_CASES = [
+    # (length, chunk, d_in, d_out, depth, momentum, attn_bias, retention, residual)
+    (63, 16, 16, 16, 2, True, "l2", "l2", True),  # Titans MLP memory, odd length
+    (63, 64, 24, 24, 2, True, "l2", "l2", True),  # one partial chunk
+    (200, 64, 16, 24, 2, False, "l2", "l2", False),  # no residual, Din != Dout
+    (150, 8, 16, 16, 2, True, "l2", "l2", True),  # several batched reads
+    (63, 16, 16, 16, 3, True, "l2", "l2", True),  # depth 3
+    (63, 16, 16, 16, 2, False, "lp", "lq", True),  # Moneta
+    (63, 16, 16, 16, 2, False, "huber", "l2", True),  # Yaad
+]
+
+
+@pytest.mark.parametrize(
+    "length,chunk,d_in,d_out,depth,momentum,bias,retention,residual",
+    NORM_CASES,
+    ids=[f"L{c[0]}-b{c[1]}-d{c[4]}-{c[6]}-{c[7]}" + ("" if c[8] else "-nores") for c in NORM_CASES],
+)
+def test_chunked_matches_reference_with_norm(
+    length: int,
+    chunk: int,
+    d_in: int,
+    d_out: int,
+    depth: int,
+    momentum: bool,
+    bias: str,
+    retention: str,
+    residual: bool,
+) -> None:
+    """M(x) = [x +] LN(MLP(x)) (Miras' MLP memory): the chunked form, whose writes back-propagate
+    through the LN and whose dual-form reads apply it per token, equals the token loop: outputs,
+    final state and every gradient (batch 2, 3 heads, lengths chunks do not divide). In
+    float64: the LN's 1/std amplifies fp32 rounding to ~2e-5 in some gradients, while the two
+    forms agree to ~1e-10 in float64, which an error in the LN's backward would not."""
+    rule = MemoryRule(attn_bias=bias, retention=retention, residual=residual, norm=True)
+    kw, names = _inputs(length, d_in, d_out, depth, momentum, rule)
+
+    def leaf(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().double().requires_grad_()
+
+    kw.update({n: leaf(kw[n]) for n in names})
+    st = kw["state"]
+    kw["state"] = MemoryState(*(None if ts is None else tuple(map(leaf, ts)) for ts in st))
+    ref = _run(memory_reference, kw, names, chunk, rule)
+    out = _run(memory_chunked, kw, names, chunk, rule)
+    assert ref.keys() == out.keys()
+    for name in ref:
+        assert ref[name].dtype == torch.float64
+        assert_close(name, ref[name], out[name], 1e-9)
+    # the norm is in effect: the plain MLP memory answers differently
+    plain = memory_chunked(chunk_size=chunk, rule=MemoryRule(bias, retention, residual), **kw)[0]
+    assert rel_rms(ref["y"], plain) > 1e-2
+
+
+def test_norm_is_a_layer_norm_of_the_mlp_answer() -> None:
+    """retrieve() with norm=True is x + LN(MLP(x)) as torch's own layer_norm computes it."""
+    kw, _ = _inputs(10, 16, 16, 2, True, MemoryRule())
+    q, st = kw["q"].detach(), kw["state"]
+    plain = retrieve(st, q, MemoryRule(residual=False))
+    expect = q + F.layer_norm(plain, (plain.shape[-1],), eps=1e-5)
+    assert_close("y", expect, retrieve(st, q, MemoryRule(norm=True)), 1e-6)
+    with pytest.raises(ValueError, match="norm_eps"):
+        MemoryRule(norm_eps=0.0)
+
+
+@pytest.mark.parametrize("impl", [memory_reference, memory_chunked])
+def test_dtype_rule(impl) -> None:
+    """float64 computes in float64 (state float64); bf16 computes in float32 (y bf16, state
+    float32). The two forms agree to float64 precision, so neither rounds through float32."""
+    rule = MemoryRule(norm=True)
+    kw, _ = _inputs(37, 8, 8, 2, True, rule, seed=4)
+    kw = {n: (t.detach() if torch.is_tensor(t) else t) for n, t in kw.items()}
+    st = kw.pop("state")
+    as64 = {n: (t.double() if torch.is_tensor(t) else t) for n, t in kw.items()}
+    st64 = MemoryState(*(tuple(w.double() for w in ws) for ws in st))
+    y, out = impl(chunk_size=8, rule=rule, state=st64, **as64)
+    assert y.dtype == torch.float64
+    assert {w.dtype for w in out.weights + out.momentum} == {torch.float64}
+    y_ref, st_ref = memory_reference(chunk_size=8, rule=rule, state=st64, **as64)
+    assert rel_rms(y_ref, y) < 1e-12
+    assert rel_rms(st_ref.weights[0], out.weights[0]) < 1e-12
+    # a float32 state with float64 inputs is promoted, not the inputs demoted
+    y_mixed, _ = impl(chunk_size=8, rule=rule, state=st, **as64)
+    assert y_mixed.dtype == torch.float64
+    assert rel_rms(y_ref, y_mixed) < 1e-6
+    as16 = {n: (t.bfloat16() if n in ("q", "k", "v") else t) for n, t in kw.items()}
+    y16, st16 = impl(chunk_size=8, rule=rule, state=st, **as16)
+    assert y16.dtype == torch.bfloat16
+    assert {w.dtype for w in st16.weights + st16.momentum} == {torch.float32}

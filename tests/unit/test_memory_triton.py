@@ -221,14 +221,29 @@ def test_triton_dispatch(triton_memory):
         (MemoryRule(retention="lq"), [8, 8], "retention"),
         (MemoryRule(), [8, 16, 16, 8], "depth"),
         (MemoryRule(), [8, 160], "head dims"),
+        (MemoryRule(norm=True), [8, 16, 8], "LayerNorm"),
     ],
-    ids=["huber", "lq", "depth3", "wide"],
+    ids=["huber", "lq", "depth3", "wide", "norm"],
 )
 def test_triton_rejects_unsupported(triton_memory, rule, dims, match):
     kw, _ = _inputs(4, 2, dims, momentum=False)
     with pytest.raises(ValueError, match=match):
         dispatch(chunk_size=4, rule=rule, impl="triton", **kw)
     assert triton_memory.unsupported_reason(kw["q"], kw["v"], kw["state"], rule) is not None
+
+
+def test_triton_rejects_float64_and_norm(triton_memory):
+    """float64 computes in float64 (the op's dtype rule), which the fp32 kernels cannot: refused
+    with a reason, as is the memory's LayerNorm, so impl="auto" (on CUDA) takes the chunked form
+    for both; fp32 with norm=False stays covered."""
+    kw, _ = _inputs(4, 2, [8, 16, 8], momentum=False)
+    kw = {n: (t.detach().double() if torch.is_tensor(t) else t) for n, t in kw.items()}
+    kw["state"] = MemoryState(tuple(w.detach().double() for w in kw["state"].weights))
+    with pytest.raises(ValueError, match="float64"):
+        dispatch(chunk_size=4, rule=MemoryRule(), impl="triton", **kw)
+    q, v, st = kw["q"], kw["v"], kw["state"]
+    assert triton_memory.unsupported_reason(q.float(), v, st, MemoryRule()) is None
+    assert "LayerNorm" in triton_memory.unsupported_reason(q.float(), v, st, MemoryRule(norm=True))
 
 
 def test_triton_on_cpu_needs_interpreter(triton_memory, monkeypatch):

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from models.layers.precision import compute_dtype
 from models.layers.segment_scan import checkpointed_scan
 from models.ops.memory.reference import (
     DEFAULT_RULE,
@@ -48,6 +49,7 @@ from models.ops.memory.reference import (
     MemoryState,
     effective_weights,
     init_state,
+    layer_norm,
     lq_norm_factor,
     output_grad,
 )
@@ -487,7 +489,8 @@ def _write(
     into theta (memory_chunked), so Δ = r here. Returns the read's inputs and the new state.
     """
     depth = len(sts)
-    if rule.attn_bias == "l2" and rule.retention == "l2":
+    norm = rule.norm and depth >= 2
+    if rule.attn_bias == "l2" and rule.retention == "l2" and not norm:
         out = _WriteL2.apply(tuple(trs), m, kc, rv, co["mix"], co["wh"], *sts)
         return (
             [kc, *out[: depth - 1]],
@@ -506,8 +509,17 @@ def _write(
         h, slope = _GeluPair.apply(torch.bmm(h, w0[i]))
         slopes.append(slope)
         zs.append(h)
-    r = torch.baddbmm(rv, h, w0[-1])
-    dlt = r if rule.attn_bias == "l2" else output_grad(r, rule, dc)
+    if norm:
+        # r = LN(o) + rv; the output gradient goes back through the LN:
+        # δ = rstd (g - mean(g) - n mean(g ⊙ n)), n = LN(o)
+        n_o, rstd = layer_norm(torch.bmm(h, w0[-1]), rule.norm_eps)
+        r = n_o + rv
+        g = r if rule.attn_bias == "l2" else output_grad(r, rule, dc)
+        g_c = g - g.mean(-1, keepdim=True)
+        dlt = (g_c - n_o * (g * n_o).mean(-1, keepdim=True)) * rstd
+    else:
+        r = torch.baddbmm(rv, h, w0[-1])
+        dlt = r if rule.attn_bias == "l2" else output_grad(r, rule, dc)
     deltas = [dlt] * depth
     for i in range(depth - 1, 0, -1):
         dlt = torch.bmm(dlt, w0[i].mT) * slopes[i - 1]
@@ -574,6 +586,8 @@ def _read(
         if norms:
             h = h / norms[i]
     a = h
+    if rule.norm and depth >= 2:
+        a = layer_norm(a, rule.norm_eps)[0]
     if rule.residual and depth >= 2:
         a = a + qc
     return a
@@ -719,7 +733,8 @@ def memory_chunked(
     """Chunked neural-memory write + retrieve; same contract as `memory_reference`.
 
     q, k (B, H, L, Din); v (B, H, L, Dout); theta / alpha / eta / huber_delta (B, H, L);
-    eta None = no momentum (Miras). Returns y (B, H, L, Dout) in q's dtype and the final state.
+    eta None = no momentum (Miras). Returns y (B, H, L, Dout) in q's dtype and the final state
+    in the compute dtype (float64 for float64 q, float32 otherwise; reference.py's docstring).
     checkpoint=True recomputes the chunks in backward from ~sqrt(n) saved boundary states
     (about a third more compute; the memory of the loop grows like sqrt(L), not L).
     """
@@ -732,11 +747,12 @@ def memory_chunked(
     size, groups = chunk_size, bsz * heads
     num = -(-length // size)
     last = (length - 1) % size
-    st = init_state(state.weights, state.momentum, bsz, eta is not None)
+    cd = compute_dtype(q.dtype)
+    st = init_state(state.weights, state.momentum, bsz, eta is not None, cd)
     m = 1 if st.momentum is None else 2
 
-    def flat(t: Tensor) -> Tensor:  # (B, H, ...) -> (G, ...)
-        return t.float().reshape(groups, *t.shape[2:])
+    def flat(t: Tensor) -> Tensor:  # (B, H, ...) -> (G, ...) in the compute dtype
+        return t.to(cd).reshape(groups, *t.shape[2:])
 
     # Per layer one state: [X; S] (G, m d_in, d_out), or [Xᵀ; Sᵀ] (`_transposed`, see _write).
     trs = _transposed(st.weights, m, rule)

@@ -2,8 +2,9 @@
 
 `memory_triton(...)` takes `memory_chunked`'s arguments and returns (y, MemoryState). Covered:
 attn_bias "l2" + retention "l2", with or without momentum, depth 1 (M(x) = x W) and depth 2
-(M(x) = [x +] gelu(x W1) W2); forward and backward both run in Triton (kernels and their
-layout: triton_kernels.py). `unsupported_reason` says why other arguments are refused, so
+(M(x) = [x +] gelu(x W1) W2, without the optional LayerNorm `MemoryRule.norm`), fp32 / bf16 /
+fp16 inputs; forward and backward both run in Triton (kernels and their layout:
+triton_kernels.py). `unsupported_reason` says why other arguments are refused, so
 `neural_memory(impl="auto")` can fall back to the chunked form.
 
 Memory: the forward stores the state at every chunk start, O(L/b · D²) per (batch, head),
@@ -324,6 +325,16 @@ def unsupported_reason(q: Tensor, v: Tensor, state: MemoryState, rule: MemoryRul
     depth = len(state.weights)
     if depth not in (1, 2):
         return f"the Triton memory covers depth 1 and 2; got depth {depth} (use impl='chunked')"
+    if rule.norm and depth >= 2:
+        return (
+            "the Triton memory covers M(x) = [x +] MLP(x) without the LayerNorm; got "
+            "rule.norm=True (use impl='chunked', or a rule with norm=False)"
+        )
+    if q.dtype == torch.float64:
+        return (
+            "the Triton memory computes in float32; float64 inputs compute in float64 "
+            "(use impl='chunked')"
+        )
     if max(q.shape[-1], v.shape[-1]) > MAX_DIM:
         return f"the Triton memory needs head dims <= {MAX_DIM}; got {q.shape[-1]}, {v.shape[-1]}"
     if not q.is_cuda and not _INTERPRETED:
