@@ -45,7 +45,8 @@ NOMINAL_PARAMS: dict[str, float] = {}
 
 def _config(name: str, size: tuple[int, int, int, int] | None):
     def make() -> TitansConfig:
-        base = dict(variant="lmm", momentum=False, **_RULES[name])
+        # Miras' MLP memory is M(x) = x + LN(MLP(x)) (docs/models.md, Miras): the norm is on.
+        base = dict(variant="lmm", momentum=False, mem_norm=True, **_RULES[name])
         if size is None:
             return TitansConfig(**base)
         dim, layers, heads, ffn = size
@@ -62,10 +63,16 @@ def _config(name: str, size: tuple[int, int, int, int] | None):
     return make
 
 
+MIRAS_PAPER = 'Behrouz et al. 2025, "It\'s All Connected" (Miras), arXiv:2504.13173'
+
 for _name, _table in _SIZES.items():
     register(
         ModelSpec(
-            name=f"{_name}-tiny", family="miras", config_fn=_config(_name, None), builder=Titans
+            name=f"{_name}-tiny",
+            family="miras",
+            config_fn=_config(_name, None),
+            builder=Titans,
+            paper=MIRAS_PAPER,
         )
     )
     for _size, _dims in _table.items():
@@ -75,6 +82,7 @@ for _name, _table in _SIZES.items():
                 family="miras",
                 config_fn=_config(_name, _dims),
                 builder=Titans,
+                paper=MIRAS_PAPER,
             )
         )
         NOMINAL_PARAMS[f"{_name}-{_size}"] = float(_size[:-1]) * (

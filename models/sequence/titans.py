@@ -75,9 +75,10 @@ class NeuralMemory(nn.Module):
     Feeding a sequence in pieces whose lengths are multiples of `chunk_size`, each with the
     previous piece's state, gives the same y as feeding it whole (chunk boundaries line up); a
     shorter last piece is exact too, but its state cannot be continued (ValueError).
-    norm=True (the default, Miras' M(x) = x + LN(MLP(x)), as titans-pytorch's `ResidualNorm`)
-    puts a LayerNorm on the MLP memory's answer (depth >= 2); the Triton kernels do not cover
-    it, so impl='auto' runs the chunked form for it.
+    norm=True (Miras' M(x) = x + LN(MLP(x)), as titans-pytorch's `ResidualNorm`) puts a
+    LayerNorm on the MLP memory's answer (depth >= 2); the default is Titans' plain MLP
+    (Titans §3.1: "simple MLPs with L_M >= 1 layers"). The Triton kernels do not cover the
+    norm, so impl='auto' runs the chunked form for it.
     attn_bias / retention pick the Miras variant (Moneta: lp + lq, Yaad: huber, Memora: kl
     with depth 1; momentum=False for those, as in Miras). impl='reference' runs the token loop
     (tests); checkpoint=True trades ~1/3 more compute for activation memory ~sqrt(L).
@@ -95,10 +96,10 @@ class NeuralMemory(nn.Module):
         momentum: bool = True,
         head_dim: int | None = None,
         conv_kernel: int = 4,
-        max_lr: float = 0.1,
+        max_lr: float = 0.02,
         impl: str = "chunked",
         checkpoint: bool = False,
-        norm: bool = True,
+        norm: bool = False,
     ) -> None:
         super().__init__()
         if head_dim is None and dim % heads:
@@ -289,8 +290,10 @@ class TitansConfig:
     retention: str = "l2"
     momentum: bool = True
     # M(x) = x + LN(MLP(x)) (Miras; titans-pytorch's ResidualNorm): see models/ops/memory.
-    # The Triton kernels do not cover it, so with mem_norm=True "auto" runs the chunked form.
-    mem_norm: bool = True
+    # Off for the Titans models, whose paper's memory is a plain MLP (§3.1); the Miras presets
+    # turn it on (their paper's memory). The Triton kernels do not cover it, so with
+    # mem_norm=True "auto" runs the chunked form.
+    mem_norm: bool = False
     # Step-size ceiling of the memory. The loss is a sum of squares over D features (not a
     # mean as in titans-pytorch), so 0.02 here is ~1.3 there. Without the norm nothing bounds
     # the MLP's answer: its curvature grows with the weights, and 0.05 made MAC-tiny NaN within

@@ -18,11 +18,13 @@ LN is a LayerNorm over the output features without affine parameters (eps `rule.
 Miras writes the MLP memory as M(x) = x + LN(W_1 σ(W_2 x)), and titans-pytorch wraps its
 `MemoryMLP` the same way (`ResidualNorm`: LayerNorm(MLP(x)) + x; its LayerNorm's learnable
 gain is itself a memory weight there, here the layer's output RMSNorm carries the gain). The
-op's own default is norm=False (the plain MLP, the form the Triton kernels cover); the models
-(`NeuralMemory`, `TitansConfig.mem_norm`) default to the paper's norm=True. The norm bounds the
-memory's answer, which keeps the write's error bounded as the weights grow (without it a
-depth-2 memory diverged at larger step sizes; TitansConfig.max_lr). Token t writes with the
-associative loss ℓ_t = bias(M(k_t) - v_t) and momentum:
+op's own default is norm=False (the plain MLP, the form the Triton kernels cover). Each model
+follows its paper: the Titans models keep the plain MLP (Titans §3.1 uses "simple MLPs with
+L_M >= 1 layers"; no norm is mentioned), the Miras presets set `TitansConfig.mem_norm`. The
+norm bounds the memory's answer, which keeps the write's error bounded as the weights grow
+(without it a depth-2 memory diverged at larger step sizes; TitansConfig.max_lr).
+
+Token t writes with the associative loss ℓ_t = bias(M(k_t) - v_t) and momentum:
 
     S_t = eta_t S_{t-1} - theta_t ∇ℓ_t            (no momentum: eta is None, S_t = -theta_t ∇ℓ_t)
     X_t = (1 - alpha_t) X_{t-1} + S_t
