@@ -3,7 +3,10 @@ reading the same shards with the same worker count, and `cat` as the raw-read ce
 
 Writes ~200 MB of temporary token shards (byte-range tokens, uint16, log-normal document
 lengths), reads one epoch each way with 0 and 2 DataLoader workers, prints tokens/s, MB/s and
-ratios, then the time to feed one 2,097,152-token packed sequence. The page cache is warm for
+ratios (ours with crc32 checksum verification on, the default, and off), then the cost of
+verification as throughput ratios on/off (0 workers, best of 3 interleaved runs, so a busy
+machine skews both alike; on_error=skip also verifies each document whole at its start),
+then the time to feed one 2,097,152-token packed sequence. The page cache is warm for
 every reader (the shards were just written), so this measures CPU cost, not the disk.
 
     python benchmarks/shard_throughput.py [--mb 200] [--seq-len 8192] [--batch 8]
@@ -26,7 +29,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data.packing import MAX_SEQ_LEN  # noqa: E402
-from data.shard_format import FORMAT, ShardWriter, write_index  # noqa: E402
+from data.shard_format import (  # noqa: E402
+    CHECKSUM,
+    FORMAT,
+    INDEX_VERSION,
+    ShardWriter,
+    write_index,
+)
 from data.shards import ShardLoader, ShardSource  # noqa: E402
 
 
@@ -43,7 +52,8 @@ def make_shards(out: Path, total_mb: int, mean_tokens: int, seed: int = 0) -> di
             n, tokens = n + 1, tokens + k
     meta = {
         "format": FORMAT,
-        "version": 1,
+        "version": INDEX_VERSION,
+        "checksum": CHECKSUM,
         "kind": "tokens",
         "tokenizer": "byte",
         "vocab_size": 258,
@@ -62,11 +72,29 @@ def make_shards(out: Path, total_mb: int, mean_tokens: int, seed: int = 0) -> di
 
 
 def run_ours(
-    path: Path, workers: int, seq_len: int, batch: int, max_tokens: int
+    path: Path,
+    workers: int,
+    seq_len: int,
+    batch: int,
+    max_tokens: int,
+    verify: bool = True,
+    on_error: str = "raise",
 ) -> tuple[float, float]:
-    src = ShardSource.open(str(path), seed=0, shuffle_buffer=1000)
+    src = ShardSource.open(str(path), seed=0, shuffle_buffer=1000, verify=verify, on_error=on_error)
+    assert src.verify == verify, "the generated shards carry no checksums"
     ld = ShardLoader(src, seq_len=seq_len, batch_size=batch, rank=0, world=1, num_workers=workers)
     return _timed((b["tokens"].shape[0] * seq_len for b in ld), max_tokens)
+
+
+def verify_cost(path: Path, seq_len: int, batch: int, tokens: int) -> dict[str, float]:
+    """Best tokens/s of 3 interleaved runs each: verification off, on, on with on_error=skip."""
+    kinds = {"off": {"verify": False}, "on": {}, "on, on_error=skip": {"on_error": "skip"}}
+    best = dict.fromkeys(kinds, 0.0)
+    for _ in range(3):
+        for name, kw in kinds.items():
+            tps, _ = run_ours(path, 0, seq_len, batch, tokens, **kw)
+            best[name] = max(best[name], tps)
+    return best
 
 
 def run_wds(urls: list[str], workers: int) -> tuple[float, float]:
@@ -136,14 +164,23 @@ def main() -> int:
         for workers in (0, 2):
             wds_tps, wds_start = run_wds(urls, workers)
             ours = run_ours(out, workers, args.seq_len, args.batch, tot["tokens"])
+            off = run_ours(out, workers, args.seq_len, args.batch, tot["tokens"], verify=False)
             for name, (tps, start) in (
                 ("plain webdataset (decode npy)", (wds_tps, wds_start)),
                 (f"ours (shuffle+pack {args.seq_len}x{args.batch})", ours),
+                ("ours, checksums not verified", off),
             ):
                 print(
                     f"{name:<34}{workers:>8}{tps / 1e6:>9.1f}{tps * bytes_per_token / 1e6:>7.0f}"
                     f"{tps / wds_tps:>8.2f}{tps / cat_tps:>8.3f}{start:>7.2f}"
                 )
+        best = verify_cost(out, args.seq_len, args.batch, tot["tokens"] // 2)
+        off = best.pop("off")
+        for name, tps in best.items():
+            print(
+                f"crc32 verification {name}: {tps / 1e6:.1f} Mtok/s vs {off / 1e6:.1f} off, "
+                f"on/off = {tps / off:.3f} (0 workers, best of 3)"
+            )
         for workers in (0, 2):
             tps, start = run_ours(out, workers, MAX_SEQ_LEN, 1, args.long_seqs * MAX_SEQ_LEN)
             print(

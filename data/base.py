@@ -12,7 +12,7 @@ world size.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -23,6 +23,9 @@ class LoaderInfo:
     """Facts a loader reports to the trainer's metrics."""
 
     skipped_samples: int = 0
+    # The first few skipped samples by name (shard, key, reason), so a count can be chased
+    # down; the shard loader keeps (and logs) the first 10, then only counts.
+    skipped_examples: list[dict[str, str]] = field(default_factory=list)
 
 
 class BatchLoader(Protocol):

@@ -56,6 +56,7 @@ def pack_into(
     sep: int,
     mask_out: np.ndarray | None = None,
     id_base: int = 0,
+    skipped_docs: list[int] | None = None,
 ) -> tuple[DocPos, int]:
     """Fill `tokens_out` (n,) from the stream at `start`; return the position after it.
 
@@ -64,7 +65,8 @@ def pack_into(
     Tokens of documents `read` reports as unreadable are written as `sep` and get 0 in
     `mask_out` (n,) (which must then be given; it is left alone elsewhere). Returns
     (position, skipped documents that *start* in the first m positions), so a skip is counted
-    once even when the document spans sequences.
+    once even when the document spans sequences; `skipped_docs` receives their ids, so the
+    caller can name them.
     """
     n, m = len(tokens_out), len(ids_out)
     i = 0
@@ -82,7 +84,10 @@ def pack_into(
                     raise ValueError(f"document {doc} is unreadable and no mask_out was given")
                 tokens_out[i : i + take] = sep
                 mask_out[i : i + take] = 0
-                skipped += int(off == 0 and i < m)
+                if off == 0 and i < m:
+                    skipped += 1
+                    if skipped_docs is not None:
+                        skipped_docs.append(doc)
             else:
                 if len(chunk) != take:
                     raise ValueError(f"document {doc}: read {len(chunk)} tokens, expected {take}")

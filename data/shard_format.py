@@ -7,6 +7,13 @@ seeks straight to any document, and `index.json` (shards with sample / token / b
 totals, tokenizer, dtype, separator), written last so a half-written dataset is never read.
 Every file is written to a temporary name and renamed into place.
 
+Checksums (index version 2). Each token shard also has `shard-000000.crc.npy`: zlib.crc32 of
+every CHUNK_BYTES chunk of every member's token bytes (after the .npy header; a member's last
+chunk may be short), members in table order, so a reader verifies exactly the chunks a slice
+touches. The tar itself is unchanged (tar and plain webdataset read it as before), and so is
+the sidecar table: readers that predate checksums read version-2 datasets too. Version-1
+datasets (no `checksum` in index.json) read without verification.
+
 URLs: local paths, `file://`, any fsspec URL (s3://, gs://, https://; ranged reads through
 fsspec's block cache) and `pipe:CMD` (stdout of a shell command, as webdataset reads it; a
 pipe cannot seek, so a process spools each shard it touches to an unlinked temp file once).
@@ -24,6 +31,7 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
+import zlib
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -32,6 +40,10 @@ import numpy as np
 
 INDEX_NAME = "index.json"
 FORMAT = "mnemosyne-shards"
+INDEX_VERSION = 2  # 1: no checksums; 2: per-chunk crc32 of token bytes in *.crc.npy
+CHUNK_BYTES = 4096  # small: a slice read widens to chunk bounds (< 8 KB more per slice)
+CHECKSUM = {"algorithm": "crc32", "chunk_bytes": CHUNK_BYTES}  # index.json "checksum"
+CRC_DTYPE = np.dtype("<u4")
 TOKENS_EXT = "tokens.npy"
 TABLE_DTYPE = np.dtype([("key", "S64"), ("member", "<i8"), ("data", "<i8"), ("ntok", "<i8")])
 _BLOCK = 512
@@ -52,6 +64,12 @@ class ShardDataError(ValueError):
         where = f"shard {url}" + (f", sample {key!r}" if key is not None else "")
         super().__init__(f"{where}: {what}")
         self.url, self.key, self.what = url, key, what
+
+
+def chunk_crcs(payload: bytes | memoryview, chunk: int = CHUNK_BYTES) -> list[int]:
+    """zlib.crc32 of each `chunk`-byte piece of `payload` (the last may be shorter)."""
+    mv = memoryview(payload)
+    return [zlib.crc32(mv[i : i + chunk]) for i in range(0, len(mv), chunk)]
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -308,6 +326,7 @@ class ShardWriter:
         self._f: BinaryIO | None = None
         self._tmp: Path | None = None
         self._rows: list[tuple[bytes, int, int, int]] = []
+        self._crcs: list[int] = []
         self._keys: set[str] = set()
 
     def __enter__(self) -> ShardWriter:
@@ -326,7 +345,7 @@ class ShardWriter:
     def _open(self) -> None:
         self._tmp = self.out_dir / f".{self._name}.tmp.{os.getpid()}"
         self._f = open(self._tmp, "wb")  # closed in _finish / abort
-        self._size, self._samples, self._tokens, self._rows = 0, 0, 0, []
+        self._size, self._samples, self._tokens, self._rows, self._crcs = 0, 0, 0, [], []
 
     def add(self, key: str, members: dict[str, bytes], *, tokens: int = -1) -> None:
         """Append one sample: `members` maps extension (`tokens.npy`, `png`, `cls`) to bytes."""
@@ -355,6 +374,7 @@ class ShardWriter:
             if ext == TOKENS_EXT:
                 _, shape, hlen = parse_npy_header(data[:4096])
                 self._rows.append((key.encode(), member, member + len(hdr) + hlen, shape[0]))
+                self._crcs += chunk_crcs(memoryview(data)[hlen:])
         self._samples += 1
         self._tokens += max(tokens, 0)
 
@@ -382,6 +402,10 @@ class ShardWriter:
             buf = io.BytesIO()
             np.save(buf, table, allow_pickle=False)
             atomic_write(self.out_dir / rec["index"], buf.getvalue())
+            rec["checksums"] = name[: -len(".tar")] + ".crc.npy"
+            atomic_write(
+                self.out_dir / rec["checksums"], npy_bytes(np.array(self._crcs, dtype=CRC_DTYPE))
+            )
         os.replace(self._tmp, self.out_dir / name)
         self.shards.append(rec)
         self._f, self._tmp = None, None

@@ -28,8 +28,16 @@ Shards without sidecars (made by other tools: `data.path` a shard pattern) are i
 start by walking their tar headers.
 
 Bad data. `on_error="raise"` stops at the first unreadable document with the shard and key
-named; `"skip"` masks its span out of the loss (the layout stays identical on every rank) and
-counts it once in `info.skipped_samples`.
+named; `"skip"` masks its span out of the loss (the layout stays identical on every rank),
+counts it once in `info.skipped_samples` and names the first 10 per loader (shard, key,
+reason) in `info.skipped_examples` and in a warning on the `data.shards` logger.
+
+Checksums. Datasets of index version 2 carry a crc32 per 4 KB chunk of every document's
+tokens (data/shard_format.py). A read verifies the chunks its slice touches (a mismatch is bad
+data, as above). With `on_error="skip"` the document's first slice verifies the whole
+document, so a damaged document is masked from its start and counted once wherever the damage
+is (that re-reads long documents once more). Version-1 datasets and shard patterns have no
+checksums and are read unverified.
 
 Eval. `split="eval"` reads the held-out shards: `ceil(eval_fraction * shards)` of them, chosen
 by a fixed permutation (the same for every seed), never read by `split="train"`.
@@ -38,8 +46,11 @@ by a fixed permutation (the same for every seed), never read by `split="train"`.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import logging
 import math
+import zlib
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -50,8 +61,11 @@ import torch
 from data.base import LoaderInfo
 from data.packing import DocPos, check_seq_len, pack_into
 from data.shard_format import (
+    CHUNK_BYTES,
+    CRC_DTYPE,
     FORMAT,
     INDEX_NAME,
+    INDEX_VERSION,
     TABLE_DTYPE,
     TOKENS_EXT,
     RangeReader,
@@ -71,6 +85,9 @@ if TYPE_CHECKING:
 
 _SHARD_SALT, _WINDOW_SALT, _EVAL_SEED = 0x5A4D, 0xB0F, 0xE7A1
 _BLOCK = 512
+_NAMED_SKIPS = 10  # skipped samples a loader names (log + info.skipped_examples); then counts
+_VERIFY_BLOCK = 8 << 20  # a long document's first slice verifies the rest in reads this size
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -79,6 +96,7 @@ class Shard:
     sidecar: str | None  # URL of its .idx.npy, None: walk the tar headers
     samples: int
     tokens: int
+    checksums: str | None = None  # URL of its .crc.npy (index version 2), None: not verified
 
 
 @dataclass
@@ -118,6 +136,8 @@ class ShardSource:
         shuffle_buffer: int,
         on_error: str = "raise",
         tables: dict[int, np.ndarray] | None = None,
+        verify: bool = True,
+        chunk_bytes: int = CHUNK_BYTES,
     ) -> None:
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error={on_error!r}; expected 'raise' or 'skip'")
@@ -129,7 +149,14 @@ class ShardSource:
         self.num_docs = int(self._samples.sum())
         self.epoch_tokens = int(self._tokens.sum()) + self.num_docs  # one separator per doc
         if self.num_docs == 0:
-            raise ValueError(f"the {len(shards)} shard(s) hold no documents")
+            names = ", ".join(s.url for s in shards[:3]) + (", ..." if len(shards) > 3 else "")
+            raise ValueError(
+                f"the {len(shards)} shard(s) ({names or 'none'}) hold no documents; expected at "
+                "least one"
+            )
+        # Verify only where every shard has checksums (index version 2).
+        self.verify = bool(verify) and all(s.checksums is not None for s in shards)
+        self.chunk_bytes = int(chunk_bytes)
         self._pinned = dict(tables or {})  # scanned tables travel with the object to workers
         self._reset_caches()
 
@@ -137,11 +164,13 @@ class ShardSource:
         self._tables: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self._epochs: OrderedDict[int, tuple[np.ndarray, ...]] = OrderedDict()
         self._windows: OrderedDict[tuple[int, int], _Window] = OrderedDict()
+        self._crcs: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self._files = RangeReader()
+        self._why: dict[int, tuple[str, str, str]] = {}  # skipped doc -> (shard, key, reason)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        for k in ("_tables", "_epochs", "_windows", "_files"):
+        for k in ("_tables", "_epochs", "_windows", "_crcs", "_files", "_why"):
             state.pop(k)
         return state
 
@@ -160,8 +189,12 @@ class ShardSource:
         shuffle_buffer: int = 1000,
         on_error: str = "raise",
         tokenizer: str = "byte",
+        verify: bool = True,
     ) -> ShardSource:
-        """A dataset directory / index.json URL, or a shard pattern (then headers are scanned)."""
+        """A dataset directory / index.json URL, or a shard pattern (then headers are scanned).
+
+        `verify=False` skips the checksums (benchmarks; datasets without them never verify).
+        """
         if ".tar" in path and not path.endswith(".json"):
             return cls._from_urls(
                 expand_urls(path),
@@ -169,6 +202,7 @@ class ShardSource:
                 shuffle_buffer=shuffle_buffer,
                 on_error=on_error,
                 tokenizer=tokenizer,
+                where=path,
             )
         url = index_url(path)
         if not url_exists(url):
@@ -182,15 +216,42 @@ class ShardSource:
                 f"{url}: format={meta.get('format')!r} kind={meta.get('kind')!r}; expected a "
                 f"{FORMAT!r} token dataset"
             )
+        version = meta.get("version", 1)
+        if version not in (1, INDEX_VERSION):
+            raise ValueError(
+                f"{url}: index version {version!r}; expected 1 or {INDEX_VERSION} (written by a "
+                "newer Mnemosyne? update this checkout)"
+            )
+        chunk = CHUNK_BYTES
+        if version >= 2:
+            ck = meta.get("checksum") or {}
+            if ck.get("algorithm") != "crc32" or not isinstance(ck.get("chunk_bytes"), int):
+                raise ValueError(
+                    f"{url}: version {version} but checksum={meta.get('checksum')!r}; expected "
+                    "{'algorithm': 'crc32', 'chunk_bytes': N}"
+                )
+            chunk = ck["chunk_bytes"]
+            for s in meta["shards"]:
+                if s.get("samples") and not s.get("checksums"):
+                    raise ValueError(
+                        f"{url}: shard {s.get('name')} has no 'checksums' file; expected one "
+                        f"per shard in index version {version} (rewrite the dataset)"
+                    )
         shards = [
             Shard(
                 url=sibling_url(url, s["name"]),
                 sidecar=sibling_url(url, s["index"]) if s.get("index") else None,
                 samples=int(s["samples"]),
                 tokens=int(s["tokens"]),
+                checksums=sibling_url(url, s["checksums"]) if s.get("checksums") else None,
             )
             for s in meta["shards"]
         ]
+        if sum(s.samples for s in shards) == 0:
+            raise ValueError(
+                f"data.path={path!r}: {url} lists {len(shards)} shard(s) holding no documents; "
+                "expected at least one (write the dataset again with `mnemo data text`)"
+            )
         return cls(
             shards,
             dtype=np.dtype(meta["dtype"]).newbyteorder("<"),
@@ -199,14 +260,16 @@ class ShardSource:
             seed=seed,
             shuffle_buffer=shuffle_buffer,
             on_error=on_error,
+            verify=verify,
+            chunk_bytes=chunk,
         )
 
     @classmethod
-    def _from_urls(cls, urls: list[str], *, tokenizer: str, **kw: Any) -> ShardSource:
+    def _from_urls(cls, urls: list[str], *, tokenizer: str, where: str, **kw: Any) -> ShardSource:
         from data.tokenizers import load_tokenizer
 
         if not urls:
-            raise ValueError("the shard pattern matches no URLs")
+            raise ValueError(f"data.path={where!r}: the shard pattern matches no URLs")
         files, tables, shards, seen = RangeReader(), {}, [], Counter()
         for k, u in enumerate(urls):
             table, dtypes = scan_shard(u, files)
@@ -214,6 +277,11 @@ class ShardSource:
             tables[k] = table
             shards.append(Shard(u, None, len(table), int(table["ntok"].sum())))
         files.close()
+        if sum(s.samples for s in shards) == 0:
+            raise ValueError(
+                f"data.path={where!r}: the {len(urls)} shard(s) ({', '.join(urls[:3])}) hold no "
+                f"documents (*.{TOKENS_EXT} members); expected at least one"
+            )
         usable = [d for d, _ in seen.most_common() if d in ("<u2", "<u4")]
         tok = load_tokenizer(tokenizer)
         return cls(
@@ -251,6 +319,8 @@ class ShardSource:
             shuffle_buffer=self.buffer,
             on_error=self.on_error,
             tables={i: self._pinned[k] for i, k in enumerate(keep) if k in self._pinned},
+            verify=self.verify,
+            chunk_bytes=self.chunk_bytes,
         )
         return new
 
@@ -271,8 +341,6 @@ class ShardSource:
         if k in self._pinned:
             table = self._pinned[k]
         elif s.sidecar is not None:
-            import io
-
             table = np.load(io.BytesIO(read_url(s.sidecar)), allow_pickle=False)
             if table.dtype != TABLE_DTYPE:
                 raise ShardDataError(
@@ -295,6 +363,31 @@ class ShardSource:
         while len(self._tables) > 64:
             self._tables.popitem(last=False)
         return table, prefix
+
+    def _checks(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Shard k's chunk crc32s and, per document, the index of its first chunk (len + 1)."""
+        hit = self._crcs.get(k)
+        if hit is not None:
+            self._crcs.move_to_end(k)
+            return hit
+        s, (table, _) = self.shards[k], self._table(k)
+        assert s.checksums is not None
+        crcs = np.load(io.BytesIO(read_url(s.checksums)), allow_pickle=False)
+        nbytes = table["ntok"].astype(np.int64) * self.dtype.itemsize
+        starts = np.zeros(len(table) + 1, dtype=np.int64)
+        np.cumsum(-(-nbytes // self.chunk_bytes), out=starts[1:])
+        if crcs.dtype != CRC_DTYPE or crcs.shape != (int(starts[-1]),):
+            raise ShardDataError(
+                s.url,
+                None,
+                f"checksum file {s.checksums} holds {crcs.dtype} {crcs.shape}; expected "
+                f"{CRC_DTYPE} ({int(starts[-1])},) (one per {self.chunk_bytes}-byte chunk); "
+                "rewrite the dataset",
+            )
+        self._crcs[k] = (crcs, starts)
+        while len(self._crcs) > 64:
+            self._crcs.popitem(last=False)
+        return crcs, starts
 
     def _epoch(self, e: int) -> tuple[np.ndarray, ...]:
         """(shard permutation, doc prefix, token prefix) of epoch e, in permuted order."""
@@ -380,7 +473,13 @@ class ShardSource:
                     err.key,
                     err.what + "; set data.on_error=skip to skip (and count) bad samples",
                 ) from None
+            self._why[g] = (err.url, err.key or "", err.what)
             return None
+
+    def take_skip_reasons(self) -> dict[int, tuple[str, str, str]]:
+        """(shard, key, reason) of the documents `read` skipped since the last call."""
+        why, self._why = self._why, {}
+        return why
 
     def _read(self, k: int, i: int, lo: int, hi: int) -> np.ndarray:
         table, _ = self._table(k)
@@ -388,24 +487,40 @@ class ShardSource:
         key = row["key"].decode(errors="replace")
         member, data, ntok = int(row["member"]), int(row["data"]), int(row["ntok"])
         isz, head = self.dtype.itemsize, data - member
-        want = (hi - lo) * isz
-        if data + ntok * isz > self._files.size(url):  # the same verdict for every slice
+        nbytes = ntok * isz
+        if data + nbytes > self._files.size(url):  # the same verdict for every slice
             raise ShardDataError(
                 url,
                 key,
-                f"the shard ends before byte {data + ntok * isz} of this member (truncated shard)",
+                f"the shard ends before byte {data + nbytes} of this member (truncated shard)",
             )
-        if lo == 0:  # one read: headers and the slice are contiguous
-            buf = self._files.pread(url, member, head + want)
+        # Bytes [ra, rb) of the member's tokens are read: the slice [a, b), widened to whole
+        # checksum chunks when verifying. With on_error=skip the document's first slice
+        # verifies all of it, so a damaged document is counted once (at its start); with
+        # raise, each slice verifying its own chunks finds every damage on its own.
+        whole = self.verify and lo == 0 and self.on_error == "skip"
+        a, b = lo * isz, hi * isz
+        if self.verify:
+            crcs, starts = self._checks(k)
+            crcs = crcs[starts[i] : starts[i + 1]]
+            c = self.chunk_bytes
+            ra, rb = a // c * c, min(-(-b // c) * c, nbytes)
+            if whole:
+                rb = max(rb, min(nbytes, _VERIFY_BLOCK))
+        else:
+            ra, rb = a, b
+        end = nbytes if whole else rb  # bytes verified, not all returned
+        if ra == 0:  # one read: headers and the slice are contiguous
+            buf = self._files.pread(url, member, head + rb)
             hdr, body = buf[:head], buf[head:]
         else:
             hdr = self._files.pread(url, member, head)
-            body = self._files.pread(url, data + lo * isz, want) if len(hdr) == head else b""
-        if len(hdr) < head or len(body) < want:
+            body = self._files.pread(url, data + ra, rb - ra) if len(hdr) == head else b""
+        if len(hdr) < head or len(body) < rb - ra:
             raise ShardDataError(
                 url,
                 key,
-                f"the shard ends before byte {data + hi * isz} of this member (truncated shard)",
+                f"the shard ends before byte {data + rb} of this member (truncated shard)",
             )
         name = f"{key}.{TOKENS_EXT}"
         try:
@@ -421,14 +536,46 @@ class ShardSource:
                 bad = check_tar_header(hdr[:_BLOCK], name, head - _BLOCK + ntok * isz)
         if bad is not None:
             raise ShardDataError(url, key, bad)
+        if self.verify:
+            self._verify(url, key, body, ra, crcs)
+            pos = rb
+            while pos < end:  # the rest of a long document, read and dropped
+                more = self._files.pread(url, data + pos, min(_VERIFY_BLOCK, end - pos))
+                if not more:
+                    raise ShardDataError(
+                        url, key, f"the shard ends before byte {data + pos} (truncated shard)"
+                    )
+                self._verify(url, key, more, pos, crcs)
+                self._check_vocab(url, key, np.frombuffer(more, dtype=self.dtype))
+                pos += len(more)
         arr = np.frombuffer(body, dtype=self.dtype)
+        self._check_vocab(url, key, arr)
+        return arr[(a - ra) // isz : (b - ra) // isz]
+
+    def _verify(self, url: str, key: str, buf: bytes, at: int, crcs: np.ndarray) -> None:
+        """Check the crc32 of each chunk of `buf` (token bytes from `at`, chunk-aligned)."""
+        c, mv = self.chunk_bytes, memoryview(buf)
+        j0 = at // c
+        got = [zlib.crc32(mv[p : p + c]) for p in range(0, len(mv), c)]
+        want = crcs[j0 : j0 + len(got)].tolist()  # lists: cheaper than numpy for a few
+        if got != want:
+            j = next(j for j, g in enumerate(got) if j >= len(want) or g != want[j])
+            w = f"{want[j]:08x}" if j < len(want) else "(none)"
+            lo, hi = at + j * c, at + min((j + 1) * c, len(mv))
+            raise ShardDataError(
+                url,
+                key,
+                f"checksum mismatch in token bytes {lo}..{hi}: crc32 expected {w}, "
+                f"got {got[j]:08x} (corrupt data)",
+            )
+
+    def _check_vocab(self, url: str, key: str, arr: np.ndarray) -> None:
         if self.vocab_size is not None and len(arr) and int(arr.max()) >= self.vocab_size:
             raise ShardDataError(
                 url,
                 key,
                 f"token id {int(arr.max())} >= vocab_size {self.vocab_size} (corrupt data?)",
             )
-        return arr
 
 
 class PackedBatches(torch.utils.data.IterableDataset):
@@ -472,7 +619,8 @@ class PackedBatches(torch.utils.data.IterableDataset):
         ids = np.empty((n, L), dtype=dtype)
         if getattr(self, "_mask", None) is None or self._mask.shape != (n, L + 1):
             self._mask = np.ones((n, L + 1), dtype=np.float32)  # reused while clean
-        mask, skipped, base = self._mask, 0, 0
+        mask, skipped, base, skipped_docs = self._mask, 0, 0, []
+        src.take_skip_reasons()
         for r in range(n):
             g = (b * n + r) * self.world + self.rank
             pos = src.locate(self.start + g * L)
@@ -487,6 +635,7 @@ class PackedBatches(torch.utils.data.IterableDataset):
                 sep=src.sep_id,
                 mask_out=mask[r],
                 id_base=base,
+                skipped_docs=skipped_docs,
             )
             skipped += sk
         out = {"tokens": torch.from_numpy(tokens), "doc_ids": torch.from_numpy(ids)}
@@ -494,6 +643,12 @@ class PackedBatches(torch.utils.data.IterableDataset):
             out["loss_mask"] = torch.from_numpy(np.ascontiguousarray(mask[:, 1:]))
             mask.fill(1.0)
         out["_skipped"] = torch.tensor(skipped)
+        if skipped_docs:  # named by the loader (a DataLoader passes lists of str through)
+            why = src.take_skip_reasons()
+            out["_skipped_names"] = [
+                list(why.get(g) or (*src.doc_key(g), "unreadable"))
+                for g in skipped_docs[:_NAMED_SKIPS]
+            ]
         if compact:
             out["_doc_base"] = torch.tensor(base, dtype=torch.int64)
         return out
@@ -554,12 +709,28 @@ class ShardLoader:
             )
         for batch in it:
             self._info.skipped_samples += int(batch.pop("_skipped"))
+            for url, key, why in batch.pop("_skipped_names", []):
+                self._name_skip(url, key, why)
             if "_doc_base" in batch:
                 batch["tokens"] = batch["tokens"].long()
                 batch["doc_ids"] = batch["doc_ids"].long() + batch.pop("_doc_base")
             # Every rank consumes one batch per step: the global position moves by B * world.
             self.token += self.batch_size * self.world * self.seq_len
             yield batch
+
+    def _name_skip(self, url: str, key: str, why: str) -> None:
+        """Log and keep the first _NAMED_SKIPS skipped samples; after that, say they are only
+        counted (the count reaches metrics.jsonl as skipped_samples)."""
+        ex = self._info.skipped_examples
+        if len(ex) < _NAMED_SKIPS:
+            ex.append({"shard": url, "key": key, "reason": why})
+            log.warning("skipped sample %r of shard %s: %s (data.on_error=skip)", key, url, why)
+        elif not getattr(self, "_said_rest", False):
+            self._said_rest = True
+            log.warning(
+                "more than %d samples skipped; the rest are only counted (skipped_samples)",
+                _NAMED_SKIPS,
+            )
 
     def state_dict(self) -> dict[str, Any]:
         pos = self.source.locate(self.token)

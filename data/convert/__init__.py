@@ -5,6 +5,16 @@ from __future__ import annotations
 import argparse
 import sys
 
+_SIZE_HELP = (
+    "max bytes per shard: decimal units MB = 10^6 bytes (k/KB = 10^3, GB = 10^9) or binary "
+    "MiB = 2^20 bytes (KiB = 2^10, GiB = 2^30); default 256MB"
+)
+_OUT_HELP = (
+    "output folder: new, empty, or an earlier output of `mnemo data` (then --force); a folder "
+    "holding anything else is refused"
+)
+_FORCE_HELP = "replace an earlier output of `mnemo data` in --out (never other files)"
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -26,11 +36,11 @@ def _parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="files or directories (recursive; binary files are skipped and counted)",
     )
-    t.add_argument("--out", required=True, metavar="DIR")
+    t.add_argument("--out", required=True, metavar="DIR", help=_OUT_HELP)
     t.add_argument("--tokenizer", default="byte", help="byte (default) or a tokenizer.json")
-    t.add_argument("--shard-size", default="256MB", help="max bytes per shard (256MB, 64MiB)")
+    t.add_argument("--shard-size", default="256MB", help=_SIZE_HELP)
     t.add_argument("--jsonl-field", default="text", help="field of .jsonl lines to tokenize")
-    t.add_argument("--force", action="store_true", help="replace a dataset already in --out")
+    t.add_argument("--force", action="store_true", help=_FORCE_HELP)
     t.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     i = sub.add_parser(
         "images",
@@ -41,10 +51,10 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--lr", metavar="DIR", help="low-resolution folder (with --hr)")
     i.add_argument("--hr", metavar="DIR", help="high-resolution folder (with --lr)")
     i.add_argument("--mode", default="auto", choices=("auto", "classes", "pairs"))
-    i.add_argument("--out", required=True, metavar="DIR")
-    i.add_argument("--shard-size", default="256MB")
+    i.add_argument("--out", required=True, metavar="DIR", help=_OUT_HELP)
+    i.add_argument("--shard-size", default="256MB", help=_SIZE_HELP)
     i.add_argument("--seed", type=int, default=0, help="shuffle seed of class samples")
-    i.add_argument("--force", action="store_true")
+    i.add_argument("--force", action="store_true", help=_FORCE_HELP)
     i.add_argument("--no-progress", action="store_true")
     return p
 

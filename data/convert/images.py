@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from data.convert.text import _progress_bar, clear_output, parse_size
+from data.convert.text import _progress_bar, parse_size, prepare_output
 from data.shard_format import FORMAT, ShardWriter, write_index
 
 _SCALE_SUFFIX = re.compile(r"x\d+$", re.IGNORECASE)
@@ -111,7 +111,8 @@ def convert_images(
             if not d.is_dir():
                 raise FileNotFoundError(f"{d} is not a directory")
     out = Path(out)
-    clear_output(out, force)
+    existed = out.is_dir()
+    prepare_output(out, force)
     stats = ImageStats()
     meta: dict[str, Any] = {"format": FORMAT, "version": 1, "created_by": "mnemo data images"}
     with ShardWriter(out, max_bytes=parse_size(shard_size)) as writer:
@@ -119,6 +120,15 @@ def convert_images(
             meta.update(_write_pairs(writer, *pair_dirs, stats, progress))
         else:
             meta.update(_write_classes(writer, root, seed, stats, progress))
+    if not writer.shards:
+        if not existed:
+            out.rmdir()
+        where = f"--input {input}" if lr is None else f"--lr {lr} --hr {hr}"
+        raise ValueError(
+            f"{where}: no images found ({stats.skipped_non_image} non-image file(s), "
+            f"{stats.unmatched_lr} LR and {stats.unmatched_hr} HR file(s) unmatched); expected "
+            "PNG or JPEG files"
+        )
     shards = writer.shards
     for s in shards:
         s.pop("tokens", None)

@@ -5,6 +5,11 @@ Directories are walked recursively in sorted order; files whose first 8 KB hold 
 are binary (git's test) and skipped, hidden files too; both are counted, so the summary
 accounts for every input byte: with the byte tokenizer, tokens == text bytes exactly.
 The writer keeps input order; the reader shuffles (data/shards.py).
+
+Refused, naming the path: inputs that hold no document (empty, binary-only; no output is left),
+an `--out` that is a file, or a non-empty `--out` that is not an earlier output of ours
+(`index.json`, `shard-*.tar|idx.npy|crc.npy`); an earlier output is replaced with `--force`
+only, and the replacement is announced on stderr.
 """
 
 from __future__ import annotations
@@ -20,7 +25,15 @@ from typing import Any
 
 import numpy as np
 
-from data.shard_format import FORMAT, INDEX_NAME, ShardWriter, token_dtype, write_index
+from data.shard_format import (
+    CHECKSUM,
+    FORMAT,
+    INDEX_NAME,
+    INDEX_VERSION,
+    ShardWriter,
+    token_dtype,
+    write_index,
+)
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
 _UNITS = {
@@ -147,16 +160,68 @@ def _jsonl_docs(
         yield f"{path}:{n}", text
 
 
-def clear_output(out: Path, force: bool) -> None:
-    """Refuse to mix datasets; with `force`, remove the old index first, then old shards."""
-    old = [out / INDEX_NAME, *out.glob("shard-*.tar"), *out.glob("shard-*.idx.npy")]
-    old = [p for p in old if p.exists()]
-    if old and not force:
+# What `mnemo data` writes into --out (and the temp names of a run that died mid-write).
+_OURS = re.compile(r"^\.?(index\.json|shard-\d{6}\.(tar|idx\.npy|crc\.npy))(\.tmp\.\d+)?$")
+
+
+def prepare_output(out: Path, force: bool) -> None:
+    """Make `out` ready for a new dataset, refusing (ValueError naming the path) to write into a
+    file, beside unrelated files, or over an earlier dataset without `force`; with `force` the
+    earlier output is removed, index.json first so it is never read half-removed."""
+    for p in (out, *out.parents):
+        if p.exists() or p.is_symlink():
+            if not p.is_dir():
+                where = "" if p == out else f": {p} "
+                raise ValueError(
+                    f"--out {out}{where or ' '}is a file; expected a directory (new, empty, or an "
+                    "earlier output of `mnemo data`)"
+                )
+            break
+    entries = sorted(out.iterdir()) if out.is_dir() else []
+    foreign = [e.name + "/" * e.is_dir() for e in entries if e.is_dir() or not _OURS.match(e.name)]
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if foreign[5:] else "")
         raise ValueError(
-            f"--out {out} already holds a dataset ({old[0].name}); pass --force to replace it"
+            f"--out {out} holds files that are not an earlier output of `mnemo data`: {shown}; "
+            "expected a new or empty folder (--force replaces only index.json + shard-* files)"
         )
-    for p in old:
-        p.unlink()
+    if entries and not force:
+        raise ValueError(
+            f"--out {out} already holds a dataset ({entries[0].name}, {len(entries)} file(s)); "
+            "pass --force to replace it"
+        )
+    if entries:
+        shards = sum(e.name.endswith(".tar") for e in entries)
+        print(
+            f"mnemo data: replacing the earlier output in {out} ({shards} shard(s))",
+            file=sys.stderr,
+        )
+        for e in sorted(entries, key=lambda e: e.name != INDEX_NAME):
+            e.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _may_hold_text(path: Path) -> bool:
+    """False for an empty or binary file (the first 8 KB, as iter_documents judges it)."""
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as f:
+                head = f.read(8192)
+        else:
+            with open(path, "rb") as f:
+                head = f.read(8192)
+    except (OSError, EOFError):
+        return True  # unreadable: the real read names the problem
+    return bool(head) and b"\0" not in head
+
+
+def _no_documents(inputs: list[str], stats: TextStats, files: int) -> ValueError:
+    return ValueError(
+        f"--input {' '.join(inputs)}: no text documents found in {files} file(s) "
+        f"({stats.skipped_binary} binary, {stats.skipped_hidden} hidden, "
+        f"{stats.empty_documents} empty document(s)); expected at least one non-empty text "
+        "file, .gz or .jsonl line"
+    )
 
 
 def convert_text(
@@ -178,7 +243,12 @@ def convert_text(
     max_bytes = parse_size(shard_size)
     stats = TextStats()
     files = list_inputs(inputs, stats)
-    clear_output(out, force)
+    if not any(_may_hold_text(f) for f in files):  # before --out is touched
+        stats.skipped_binary = sum(f.stat().st_size > 0 for f in files)
+        stats.empty_documents = len(files) - stats.skipped_binary
+        raise _no_documents(inputs, stats, len(files) + stats.skipped_hidden)
+    existed = out.is_dir()
+    prepare_output(out, force)
     bar = _progress_bar(sum(f.stat().st_size for f in files), progress)
     try:
         with ShardWriter(out, max_bytes=max_bytes) as writer:
@@ -199,10 +269,15 @@ def convert_text(
                 stats.tokens += len(ids)
     finally:
         bar.close()
+    if stats.documents == 0:  # e.g. jsonl lines with empty text: nothing was written
+        if not existed:
+            out.rmdir()
+        raise _no_documents(inputs, stats, len(files) + stats.skipped_hidden)
     shards = writer.shards
     meta = {
         "format": FORMAT,
-        "version": 1,
+        "version": INDEX_VERSION,
+        "checksum": CHECKSUM,
         "kind": "tokens",
         "created_by": "mnemo data text",
         "tokenizer": tokenizer,

@@ -221,3 +221,88 @@ def test_image_pairs(tmp_path: Path) -> None:
         wds.WebDataset(str(tmp_path / "out" / "shard-000000.tar"), shardshuffle=False).decode("pil")
     )
     assert [(s["lr.png"].size, s["hr.png"].size) for s in samples] == [((4, 4), (8, 8))] * 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs and --out that cannot make a dataset: refused, naming the path and what was expected
+
+
+@pytest.mark.parametrize("what", ["empty", "binary", "blank_jsonl"])
+def test_text_without_documents_is_an_error(tmp_path: Path, capsys, what: str) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    if what == "binary":
+        (src / "prog.bin").write_bytes(BINARY)
+    elif what == "blank_jsonl":  # only discovered while reading: no index may be left behind
+        (src / "a.jsonl").write_text('{"text": ""}\n{"text": ""}\n')
+    out = tmp_path / "out"
+    assert main(["text", "--input", str(src), "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert str(src) in err and "no text documents" in err and "expected" in err, err
+    assert not (out / "index.json").exists() and not list(out.glob("shard-*")), "output left"
+
+
+def test_images_without_images_is_an_error(tmp_path: Path, capsys) -> None:
+    src = tmp_path / "in" / "cat"
+    src.mkdir(parents=True)
+    (src / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+    argv = ["images", "--input", str(tmp_path / "in"), "--out", str(out), "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "in") in err and "no images" in err, err
+    assert not (out / "index.json").exists()
+
+
+@pytest.mark.parametrize("cmd", ["text", "images"])
+def test_out_with_unrelated_files_is_refused(tmp_path: Path, capsys, cmd: str) -> None:
+    src, _ = _tree(tmp_path)
+    if cmd == "images":
+        src = tmp_path / "img"
+        _img(src / "cat" / "0.png", (4, 4), "PNG", 0)
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    (out / "photos").mkdir()
+    for extra in ([], ["--force"]):  # --force replaces only our own output
+        assert main([cmd, "--input", str(src), "--out", str(out), "--no-progress", *extra]) == 2
+        err = capsys.readouterr().err
+        assert str(out) in err and "notes.txt" in err and "photos" in err, err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "photos"]
+    assert (out / "notes.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("cmd", ["text", "images"])
+def test_out_replacing_our_own_output_says_so(tmp_path: Path, capsys, cmd: str) -> None:
+    src, _ = _tree(tmp_path)
+    if cmd == "images":
+        src = tmp_path / "img"
+        _img(src / "cat" / "0.png", (4, 4), "PNG", 0)
+    out = str(tmp_path / "out")
+    argv = [cmd, "--input", str(src), "--out", out, "--no-progress"]
+    assert main(argv) == 0
+    assert "replacing" not in capsys.readouterr().err
+    assert main(argv) == 2 and "--force" in capsys.readouterr().err
+    assert main([*argv, "--force"]) == 0
+    err = capsys.readouterr().err
+    assert f"replacing the earlier output in {out}" in err, err
+
+
+@pytest.mark.parametrize("cmd", ["text", "images"])
+def test_out_that_is_a_file_is_named(tmp_path: Path, capsys, cmd: str) -> None:
+    src, _ = _tree(tmp_path)
+    target = tmp_path / "a_file"
+    target.write_text("x")
+    for out in (target, target / "sub"):
+        argv = [cmd, "--input", str(src), "--out", str(out), "--no-progress"]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert str(target) in err and "is a file" in err and "Errno" not in err, err
+    assert target.read_text() == "x"
+
+
+@pytest.mark.parametrize("cmd", ["text", "images"])
+def test_shard_size_help_names_decimal_and_binary_units(capsys, cmd: str) -> None:
+    assert main([cmd, "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "MB = 10^6 bytes" in text and "MiB = 2^20 bytes" in text, text

@@ -211,6 +211,8 @@ def _check_raise_and_skip(
     assert "data.on_error=skip" in str(err.value)
     (tok, mask), ld = _read_epoch(path, "skip", workers)
     assert ld.info.skipped_samples == n_bad
+    named = [(x["shard"], x["key"]) for x in ld.info.skipped_examples]
+    assert (str(shard), key) in named and len(named) == min(n_bad, 10), named
     (ref, _), _ = _read_epoch(clean, "skip")
     tok, ref = tok[:, 1:], ref[:, 1:]  # loss_mask[t] weighs the target tokens[t + 1]
     assert (mask == 0).any()
@@ -291,3 +293,125 @@ def test_not_a_tar(tmp_path: Path) -> None:
 def test_missing_dataset_names_the_path(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no index.json"):
         ShardSource.open(str(tmp_path), seed=0)
+
+
+def _flip_payload(shard: Path, data: int, tok: int) -> None:
+    """Flip the low bit of token `tok` of the member whose tokens start at byte `data`: the id
+    stays in the byte vocabulary, so only a checksum can tell."""
+    with open(shard, "r+b") as f:
+        f.seek(data + 2 * tok)
+        b = f.read(1)[0]
+        f.seek(data + 2 * tok)
+        f.write(bytes([b ^ 1]))
+
+
+def test_checksum_catches_in_vocab_corruption(ds, tmp_path: Path) -> None:
+    path = _copy(ds, tmp_path)
+    shard, key, _, data, ntok = _member(path, 1, 0)
+    _flip_payload(shard, data, ntok // 2)
+    with pytest.raises(ShardDataError, match=r"crc32 .*expected [0-9a-f]{8}, got [0-9a-f]{8}"):
+        _read_epoch(path, "raise")
+    _check_raise_and_skip(path, ds[0], shard, key, "checksum mismatch", workers=2)
+
+
+def test_checksum_catches_corruption_deep_inside_a_long_document(tmp_path: Path) -> None:
+    from data.shard_format import CHUNK_BYTES
+
+    docs = make_docs(6, seed=4, max_len=40_000)
+    docs[2] = docs[2] + b"q" * 30_000  # > 3 checksum chunks, read in many 64-token slices
+    path = write_dataset(tmp_path / "long", docs, shard_size="1MB")
+    clean = write_dataset(tmp_path / "clean", docs, shard_size="1MB")
+    table = np.load(path / "shard-000000.idx.npy", allow_pickle=False)
+    row = int(np.argmax(table["ntok"]))
+    shard, key, _, data, ntok = _member(path, 0, row)
+    assert 2 * ntok > 3 * CHUNK_BYTES
+    _flip_payload(shard, data, ntok - 100)  # in the last chunk, far from the document's start
+    _check_raise_and_skip(path, clean, shard, key, "checksum mismatch")
+
+
+def test_skipped_samples_are_named_in_the_log(tmp_path: Path, caplog) -> None:
+    arrays = {f"s{k:02d}": np.arange(30 + k, dtype=np.uint16) % 256 for k in range(20)}
+    bad = [f"s{k:02d}" for k in range(1, 20, 4)] + [f"s{k:02d}" for k in range(2, 20, 2)]
+    bad = sorted(set(bad))
+    for k in bad:
+        arrays[k] = np.full(25, 60000, dtype=np.uint16)
+    _hand_tar(tmp_path / "a.tar", arrays)
+    ld = _loader(tmp_path / "a.tar", seq_len=16, on_error="skip", workers=2)
+    n = ld.source.epoch_tokens // (B * 16)  # within epoch 0
+    src, start, n_bad = ld.source, 0, 0
+    for g in range(src.num_docs):  # bad documents that start in the tokens read
+        n_bad += src.doc_key(g)[1] in bad and start < n * B * 16
+        start += src.length(g) + 1
+    with caplog.at_level("WARNING", logger="data.shards"):
+        list(islice(ld, n))
+    assert ld.info.skipped_samples == n_bad > 10
+    ex = ld.info.skipped_examples
+    assert len(ex) == 10 and {x["key"] for x in ex} < set(bad)
+    assert all(x["shard"] == str(tmp_path / "a.tar") and "vocab_size" in x["reason"] for x in ex)
+    lines = [r.getMessage() for r in caplog.records if r.name == "data.shards"]
+    named = [m for m in lines if "skipped sample" in m]
+    assert len(named) == 10 and all(str(tmp_path / "a.tar") in m for m in named), lines
+    assert any("the rest are only counted" in m for m in lines), lines
+
+
+def _as_version_1(path: Path) -> None:
+    """What a dataset written before checksums looks like: version 1, no .crc.npy files."""
+    meta = json.loads((path / "index.json").read_text())
+    meta["version"] = 1
+    meta.pop("checksum")
+    for s in meta["shards"]:
+        (path / s.pop("checksums")).unlink()
+    (path / "index.json").write_text(json.dumps(meta))
+
+
+def test_datasets_without_checksums_still_read(ds, tmp_path: Path) -> None:
+    path, docs = _copy(ds, tmp_path), ds[1]
+    _as_version_1(path)
+    ld = _loader(path, workers=2)
+    assert not ld.source.verify
+    check_epoch_once(read_rows(ld, -(-ld.source.epoch_tokens // (B * L))), ld.source, docs)
+    shard, _, _, data, ntok = _member(path, 1, 0)
+    _flip_payload(shard, data, ntok // 2)
+    _read_epoch(path, "raise")  # nothing to verify against: reads as written
+
+
+def test_unknown_index_version_is_refused(ds, tmp_path: Path) -> None:
+    path = _copy(ds, tmp_path)
+    meta = json.loads((path / "index.json").read_text())
+    meta["version"] = 99
+    (path / "index.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"index.json.*version 99.*expected 1 or 2"):
+        ShardSource.open(str(path), seed=0)
+    meta["version"] = 2
+    meta["shards"][0].pop("checksums")
+    (path / "index.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"shard-000000.tar.*no 'checksums'"):
+        ShardSource.open(str(path), seed=0)
+
+
+def test_verification_off_reads_the_same(ds) -> None:
+    path, _ = ds
+    on = _global(read_rows(_loader(path), 8))
+    src = ShardSource.open(str(path), seed=7, shuffle_buffer=8, verify=False)
+    off = ShardLoader(src, seq_len=L, batch_size=B, rank=0, world=1)
+    assert _global(read_rows(off, 8)) == on
+
+
+def test_empty_dataset_fails_at_construction_naming_the_path(tmp_path: Path) -> None:
+    from data.shard_format import CHECKSUM, FORMAT, write_index
+    from data.shards import build_shard_loader
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    write_index(
+        empty,
+        {"format": FORMAT, "version": 2, "kind": "tokens", "vocab_size": 258, "sep_id": 256,
+         "dtype": "uint16", "shards": [], "checksum": CHECKSUM},
+    )  # fmt: skip
+    with tarfile.open(tmp_path / "none.tar", "w"):
+        pass  # a valid tar with no members
+    kw = dict(seq_len=16, batch_size=2, rank=0, world=1, seed=0)
+    for p, where in ((empty, empty / "index.json"), (tmp_path / "none.tar", tmp_path / "none.tar")):
+        with pytest.raises(ValueError, match="no documents") as err:
+            build_shard_loader(DataConfig(source="shards", path=str(p)), **kw)
+        assert str(where) in str(err.value), str(err.value)
