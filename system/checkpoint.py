@@ -16,16 +16,23 @@ decoupled / Nebula checkpoint engines are not wired up here).
 
 Resume: `auto` = newest committed of the run dir; `never` = start fresh, moving an earlier
 run's checkpoints aside; `PATH` = that checkpoint, unless the run dir already holds a newer one
-(a restart after a crash must continue, not go back). Under torchrun `--max-restarts` and Ray
-Train's FailureConfig a restarted worker resumes by itself from the run dir; Ray's checkpoint
-object is not needed. On another world size, DCP reshards; DeepSpeed converts to a universal
-checkpoint once; RNG streams re-seed from (train.seed, step, rank) since per-rank streams of
-another partition of the work have no meaning here.
+(a restart after a crash must continue, not go back). PATH may be another run's checkpoint
+(fine-tuning, branching): the run continues from its state and writes only to its own run dir;
+it is checked with `ckpt_files.diagnose`, the diagnosis `mnemo ckpt inspect` prints. Under
+torchrun `--max-restarts` and Ray Train's FailureConfig a restarted worker resumes by itself
+from the run dir; Ray's checkpoint object is not needed. On another world size, DCP
+reshards; DeepSpeed converts to a universal checkpoint once; RNG streams re-seed from
+(train.seed, step, rank) since per-rank streams of another partition of the work have no
+meaning here.
 
 Ray Train: every commit is reported with `ray.train.report(..., checkpoint_upload_mode=
 NO_UPLOAD)` from all ranks (the launcher makes RUN_DIR/checkpoints Ray's experiment dir, so
-nothing is copied) and Ray's CheckpointConfig(num_to_keep) prunes; elsewhere `checkpoint.keep`
-prunes here.
+nothing is copied) and Ray's CheckpointConfig(num_to_keep) deletes the checkpoints it knows;
+elsewhere `checkpoint.keep` prunes here. Ray cannot count a checkpoint it never heard of: one
+whose report died with a killed worker, or one written without Ray (torchrun) in the same run
+dir. Those "orphans" are pruned here, so that at every commit no more than `keep` committed
+checkpoints remain (see `_prune_under_ray`); the ones Ray will delete are un-committed here at
+once, so a half-deleted one is never resumable under Ray either.
 """
 
 from __future__ import annotations
@@ -34,7 +41,6 @@ import hashlib
 import json
 import os
 import random
-import re
 import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -63,6 +69,7 @@ from system.ckpt_files import (
     merge_manifests,
     named_step,
     quiet_single_process,
+    resume_target,
     step_dir,
     step_of,
     to_universal,
@@ -173,27 +180,32 @@ def retire_checkpoints(run_dir: Path) -> Path | None:
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's checkpoint-manager state
 
 
-def prune_unreported(run_dir: Path) -> list[Path]:
-    """After a Ray run: delete the committed checkpoints older than every one Ray kept.
+def orphans_over_keep(committed: list[Path], known: list[str], keep: int) -> list[Path]:
+    """The committed checkpoints Ray does not know to delete so that `keep` remain, oldest first.
+
+    `known` = the names Ray holds (registration order, oldest first); Ray keeps the newest
+    `keep` of them, so only `keep - min(keep, len(known))` others may stay.
+    """
+    orphans = [d for d in committed if d.name not in set(known)]
+    room = keep - min(keep, len([d for d in committed if d.name in set(known)]))
+    return orphans[: max(0, len(orphans) - room)]
+
+
+def prune_unreported(run_dir: Path, keep: int) -> list[Path]:
+    """After a Ray run: delete the committed checkpoints Ray never heard of beyond `keep`.
 
     A report waits in the worker's queue until the controller polls it, and a worker killed
-    before that takes it along (`Checkpointer._reregister` re-reports only the checkpoint it
-    resumes from). Ray never heard of such a checkpoint, so CheckpointConfig(num_to_keep) never
-    prunes it and it stays on disk, older than everything kept. The launcher calls this once
-    `fit()` has returned, so nothing races Ray's own deletes. It reads the controller's
-    snapshot and removes only committed directories it does not list and that are older than
-    the oldest it lists; without a snapshot it does nothing. Returns what it removed.
+    before that takes it along; checkpoints written without Ray in this run dir were never
+    reported. CheckpointConfig(num_to_keep) never prunes those. The Checkpointer prunes them at
+    each commit; this is the safety net once `fit()` has returned (nothing races Ray's own
+    deletes then). It reads the controller's snapshot and removes only committed directories it
+    does not list; without a snapshot it does nothing. Returns what it removed.
     """
     snap = Path(run_dir) / "checkpoints" / RAY_SNAPSHOT
     if not snap.is_file():
         return []
-    listed = {r["checkpoint_dir_name"] for r in load_json(snap).get("checkpoint_results", [])}
-    kept = [step_of(d) for d in all_checkpoints(run_dir) if d.name in listed]
-    if not kept:
-        return []
-    stale = [
-        d for d in committed_checkpoints(run_dir) if d.name not in listed and step_of(d) < min(kept)
-    ]
+    listed = [r["checkpoint_dir_name"] for r in load_json(snap).get("checkpoint_results", [])]
+    stale = orphans_over_keep(committed_checkpoints(run_dir), listed, keep)
     for d in stale:
         uncommit(d)
         shutil.rmtree(d)
@@ -218,6 +230,10 @@ class Checkpointer:
         self._executor: ThreadPoolExecutor | None = None
         self._stager: Any = None
         self._pg: Any = None
+        # Under Ray: the names Ray holds (oldest first) and every name it held this attempt;
+        # a directory Ray may still delete is never deleted here (its delete would then fail).
+        self._ray_known: list[str] = []
+        self._ray_owned: set[str] = set()
         if self.async_save:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="mnemo-ckpt")
             if env.world > 1 and dist.is_initialized():
@@ -320,7 +336,9 @@ class Checkpointer:
             merge_manifests(d, self.env.world)
             write_atomic(d / COMMITTED, f"{step_of(d)}\n")
             fsync_dir(d)
-            if not _under_ray():  # under Ray, CheckpointConfig(num_to_keep) deletes old ones
+            if _under_ray():  # CheckpointConfig(num_to_keep) deletes the ones Ray knows
+                self._prune_under_ray(reporting=d.name)
+            else:
                 self._prune()
         barrier(self.env.world)
         self._latest = d
@@ -354,26 +372,63 @@ class Checkpointer:
             checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD,
         )
 
-    def _reregister(self, d: Path, meta: dict[str, Any]) -> None:
-        """Report the resumed checkpoint again if Ray lost its report in the crash.
+    def _ours(self, d: Path) -> bool:
+        """`d` is a checkpoint of this run dir (not another run's, resumed from)."""
+        return d.resolve().parent == (self.run_dir / "checkpoints").resolve()
+
+    def _sync_with_ray(self, d: Path | None, meta: dict[str, Any] | None) -> None:
+        """At the start of a Ray attempt: learn what Ray holds, report the resumed checkpoint
+        again if Ray lost its report in a crash, prune the checkpoints Ray will never prune.
 
         A report waits in the worker's queue until the controller polls it; a worker killed
         before that takes it along. Ray would then never prune that checkpoint
-        (CheckpointConfig.num_to_keep); resuming does not depend on Ray knowing it.
+        (CheckpointConfig.num_to_keep); resuming does not depend on Ray knowing it. Another run's
+        checkpoint (`--resume` of a path outside this run dir) is never reported: it is not
+        Ray's to delete, and Ray refuses checkpoints outside its experiment dir.
         """
         import ray.train
+        from ray.train import CheckpointConsistencyMode
 
         again = [False]
         if self.env.rank == 0:
-            known = ray.train.get_checkpoint()
-            name = Path(known.path).name if known is not None else ""
-            known_step = step_of(Path(name)) if re.fullmatch(r"step_\d+", name) else -1
-            again = [known_step < meta["step"]]
+            held = ray.train.get_all_reported_checkpoints(
+                consistency_mode=CheckpointConsistencyMode.COMMITTED
+            )
+            root = (self.run_dir / "checkpoints").resolve()
+            self._ray_known = [
+                Path(r.checkpoint.path).name
+                for r in held
+                if Path(r.checkpoint.path).resolve().parent == root
+            ]
+            self._ray_owned = set(self._ray_known)
+            again = [d is not None and self._ours(d) and d.name not in self._ray_owned]
+            self._prune_under_ray(reporting=d.name if again[0] and d is not None else None)
         if self.env.world > 1 and dist.is_initialized():
             dist.broadcast_object_list(again, src=0)
         if again[0]:
+            assert d is not None and meta is not None
             scalars = {k: v for k, v in meta.get("metrics", {}).items() if _scalar(v)}
             self._report(d, {**scalars, "step": meta["step"]})
+
+    def _prune_under_ray(self, reporting: str | None) -> None:
+        """Rank 0, under Ray: at most `keep` committed checkpoints once Ray registered
+        `reporting` (the one about to be reported).
+
+        Ray deletes the oldest of those it holds beyond num_to_keep: those are un-committed now
+        (Ray deletes the directory at its next poll; a crash before leaves them unresumable, and
+        Ray still deletes them later). The orphans, which Ray never deletes, go here.
+        """
+        keep = self.cfg.checkpoint.keep
+        if reporting is not None and reporting not in self._ray_known:
+            self._ray_known.append(reporting)
+            self._ray_owned.add(reporting)
+        doomed = self._ray_known[:-keep]
+        self._ray_known = self._ray_known[-keep:]
+        for name in doomed:
+            d = self.run_dir / "checkpoints" / name
+            if d.is_dir():
+                uncommit(d)
+        self._discard(orphans_over_keep(committed_checkpoints(self.run_dir), self._ray_known, keep))
 
     def _prune(self) -> None:
         done = committed_checkpoints(self.run_dir)
@@ -383,7 +438,16 @@ class Checkpointer:
         """Leftovers of interrupted saves older than `below` are garbage (never resumable)."""
         pending = self._pending[0] if self._pending else None
         dirs = all_checkpoints(self.run_dir)
-        self._discard([d for d in dirs if step_of(d) < below and d != pending and not is_done(d)])
+        self._discard(
+            [
+                d
+                for d in dirs
+                if step_of(d) < below
+                and d != pending
+                and not is_done(d)
+                and d.name not in self._ray_owned  # Ray deletes it (it would fail if gone)
+            ]
+        )
         root = self.run_dir / "checkpoints"
         for trash in root.glob(".trash-*") if root.is_dir() else []:  # a crash's leftovers
             if trash not in self._binned:
@@ -438,11 +502,7 @@ class Checkpointer:
             retire_checkpoints(self.run_dir)
             self._latest = None
             return None
-        p = Path(r)
-        if not (p / COMMITTED).exists():
-            raise FileNotFoundError(
-                f"--resume {r}: {p / COMMITTED} does not exist (not a committed checkpoint)"
-            )
+        p = Path(resume_target(r))  # the CLI checked it already; torchrun's config.json not
         # A restart after a crash continues this run dir's newer checkpoints, not PATH again.
         # (To go back in time inside a run dir, copy PATH into a new --run-dir.)
         if self._latest is not None and step_of(self._latest) > named_step(p):
@@ -454,6 +514,8 @@ class Checkpointer:
         """Load the checkpoint `--resume` names into strategy and loader; None if there is none."""
         d = self.resume_path()
         if d is None:
+            if _under_ray():
+                self._sync_with_ray(None, None)
             return None
         verify(d, self.env.rank, self.env.world)
         meta = load_json(d / TRAINER_STATE)
@@ -474,7 +536,7 @@ class Checkpointer:
         else:  # the old per-rank streams belong to another partition of the work
             _reseed(self.cfg.train.seed, meta["step"], self.env.rank)
         if _under_ray():
-            self._reregister(d, meta)
+            self._sync_with_ray(d, meta)
         if self.env.rank == 0:
             how = (
                 "" if meta["world_size"] == self.env.world else f" (saved on {meta['world_size']})"

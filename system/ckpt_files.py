@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -182,20 +183,50 @@ def merge_manifests(d: Path, world: int) -> None:
     write_atomic(d / MANIFEST, json.dumps({"format": 1, "files": files}, indent=1))
 
 
-def verify(d: Path, rank: int = 0, world: int = 1) -> None:
-    """Check every file against MANIFEST.json: sizes on every rank, hashes split over ranks."""
-    manifest = load_json(d / MANIFEST).get("files", {})
+def manifest_files(d: Path) -> dict[str, dict[str, Any]]:
+    """MANIFEST.json's `files` table, its shape checked: a bad manifest is named, not a KeyError."""
+    path = d / MANIFEST
+    raw = load_json(path)
+    files = raw.get("files") if isinstance(raw, dict) else None
+    ok = isinstance(files, dict) and all(
+        isinstance(v, dict) and isinstance(v.get("size"), int) and isinstance(v.get("crc32"), str)
+        for v in files.values()
+    )
+    if not ok:
+        raise CheckpointError(
+            f"checkpoint file {path} is not a valid manifest: expected "
+            '{"files": {"<relative path>": {"size": <bytes>, "crc32": "<8 hex digits>"}}}'
+        )
+    return files
+
+
+def size_errors(d: Path, files: dict[str, dict[str, Any]]) -> list[str]:
+    """Each manifest file that is missing or of another size: costs one stat() per file."""
     errors = []
-    for i, (rel, want) in enumerate(sorted(manifest.items())):
+    for rel, want in sorted(files.items()):
         p = d / rel
         if not p.is_file():
-            errors.append(f"checkpoint file {p} is missing")
+            errors.append(
+                f"checkpoint file {p} is missing: {want['size']} bytes expected "
+                f"(recorded in {d / MANIFEST})"
+            )
         elif p.stat().st_size != want["size"]:
             errors.append(
                 f"checkpoint file {p} is truncated or resized: {p.stat().st_size} bytes, "
-                f"{want['size']} recorded in {d / MANIFEST}"
+                f"{want['size']} expected (recorded in {d / MANIFEST})"
             )
-        elif i % world == rank and checksum(p) != want["crc32"]:
+    return errors
+
+
+def verify(d: Path, rank: int = 0, world: int = 1) -> None:
+    """Check every file against MANIFEST.json: sizes on every rank, hashes split over ranks."""
+    manifest = manifest_files(d)
+    errors = size_errors(d, manifest)
+    for i, (rel, want) in enumerate(sorted(manifest.items())):
+        p = d / rel
+        if i % world != rank or not p.is_file() or p.stat().st_size != want["size"]:
+            continue  # another rank's share, or already reported by size_errors
+        if checksum(p) != want["crc32"]:
             errors.append(
                 f"checkpoint file {p} was modified: its CRC-32 differs from {d / MANIFEST}"
             )
@@ -205,6 +236,126 @@ def verify(d: Path, rank: int = 0, world: int = 1) -> None:
         errors = sorted({e for part in gathered for e in part})
     if errors:
         raise CheckpointError("; ".join(errors))
+
+
+# -- what a path holds: `mnemo ckpt inspect` and `--resume PATH` share one diagnosis ----------
+EXPECTED = (
+    "expected a checkpoint dir (RUN_DIR/checkpoints/step_XXXXXXXX holding "
+    f"{MANIFEST} and {COMMITTED}) or a run dir (or its checkpoints/ dir) holding one"
+)
+RESUME_VALUES = (
+    "--resume takes auto, never, or the path of a committed checkpoint (a step_XXXXXXXX dir) "
+    "or of a run dir / checkpoints dir holding one"
+)
+# Files and dirs only our saves write: their presence without COMMITTED is an interrupted save.
+_OURS = (COMMITTED, COMMITTED + ".tmp", MANIFEST, TRAINER_STATE, "dcp", "ds")
+_OURS_RE = re.compile(r"(manifest_rank\d+\.json|rng_rank\d+\.pt)(\.tmp)?")
+
+
+@dataclasses.dataclass(frozen=True)
+class Diagnosis:
+    """Whether a path can be resumed from and, if not, why (each reason names its file).
+
+    kind: "resumable", "interrupted" (a save that never committed), "damaged" (committed, but a
+    file is missing, resized or the manifest is bad), "no-committed" (a run dir without a
+    committed checkpoint), "not-a-checkpoint", "missing" (the path does not exist).
+    """
+
+    given: Path
+    checkpoint: Path | None  # the step dir examined (a run dir's newest committed one)
+    kind: str
+    problems: tuple[str, ...] = ()
+
+    @property
+    def resumable(self) -> bool:
+        return not self.problems
+
+    def message(self) -> str:
+        return "; ".join(self.problems)
+
+
+def _looks_like_step_dir(p: Path) -> bool:
+    """Named like ours, or holding a file only our saves write."""
+    if re.fullmatch(r"step_\d+", p.name):
+        return True
+    return any((p / n).exists() for n in _OURS) or any(
+        _OURS_RE.fullmatch(c.name) for c in p.iterdir()
+    )
+
+
+def _step_dirs(root: Path) -> list[Path]:
+    dirs = [d for d in root.glob("step_*") if d.is_dir() and re.fullmatch(r"step_\d+", d.name)]
+    return sorted(dirs, key=step_of)
+
+
+def diagnose_step_dir(d: Path, given: Path | None = None) -> Diagnosis:
+    """COMMITTED, a well-formed manifest, and every manifest file present at its size."""
+    problems = []
+    committed = (d / COMMITTED).exists()
+    if not committed:
+        problems.append(
+            f"checkpoint {d} is an interrupted save: it has no {COMMITTED} file (written last, "
+            "once every rank's files are on disk; a save without it is never resumed from)"
+        )
+    if (d / MANIFEST).exists() or committed:
+        try:
+            problems += size_errors(d, manifest_files(d))
+        except CheckpointError as e:
+            problems.append(str(e))
+    kind = "resumable" if not problems else ("damaged" if committed else "interrupted")
+    return Diagnosis(given or d, d, kind, tuple(problems))
+
+
+def diagnose(path: str | Path) -> Diagnosis:
+    """What `path` holds: a checkpoint (or a run dir's newest committed one) and whether it is
+    resumable. Cheap (stat() calls only): CRC-32s are left to `verify`."""
+    p = Path(path).expanduser().resolve()
+    try:
+        return _diagnose(p)
+    except OSError as e:  # unreadable: a permission, a vanished file
+        return Diagnosis(p, None, "not-a-checkpoint", (f"{p} cannot be read ({e}); {EXPECTED}",))
+
+
+def _diagnose(p: Path) -> Diagnosis:
+    """A step dir is judged as such; any other dir must hold step dirs (itself, or checkpoints/)
+    or it is garbage: "interrupted save" is kept for what our saves leave behind."""
+    if not p.exists():
+        return Diagnosis(p, None, "missing", (f"{p} does not exist",))
+    if not p.is_dir():
+        return Diagnosis(
+            p, None, "not-a-checkpoint", (f"{p} is a file, not a checkpoint: {EXPECTED}",)
+        )
+    if _looks_like_step_dir(p):
+        return diagnose_step_dir(p)
+    root = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+    dirs = _step_dirs(root)
+    if not dirs and root == p:
+        found = sorted(c.name for c in p.iterdir())
+        seen = ", ".join(found[:8]) + (f", ... ({len(found)} entries)" if len(found) > 8 else "")
+        what = f"found: {seen}" if found else "it is empty"
+        return Diagnosis(
+            p, None, "not-a-checkpoint", (f"{p} is not a checkpoint ({what}); {EXPECTED}",)
+        )
+    done = [d for d in dirs if is_done(d)]
+    if not done:
+        names = [d.name for d in dirs] or "nothing"
+        return Diagnosis(
+            p, None, "no-committed", (f"{root} holds no committed checkpoint (found: {names})",)
+        )
+    return diagnose_step_dir(done[-1], given=p)
+
+
+def resume_target(value: str) -> str:
+    """`--resume` as every worker must see it: auto, never, or the absolute path of a resumable
+    checkpoint (workers run in another working directory, so a relative path would not do)."""
+    if value in ("auto", "never"):
+        return value
+    diag = diagnose(value)
+    if not diag.resumable:
+        hint = f"; {RESUME_VALUES}" if diag.kind in ("missing", "not-a-checkpoint") else ""
+        raise CheckpointError(f"--resume {value}: {diag.message()}{hint}")
+    assert diag.checkpoint is not None
+    return str(diag.checkpoint)
 
 
 # -- loading without unrestricted unpickling -------------------------------------------------

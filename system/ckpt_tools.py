@@ -5,7 +5,10 @@ wrote it.
     mnemo ckpt export PATH --out model.safetensors  consolidated fp32 weights
 
 PATH is a checkpoint directory (RUN_DIR/checkpoints/step_XXXXXXXX) or a run directory (its
-newest committed checkpoint). The export loads with
+newest committed checkpoint). `inspect` always checks COMMITTED and every file's size against
+MANIFEST.json (stat() only; `--verify` adds the CRC-32s) and exits 0 only for a checkpoint a
+run can resume from: the same diagnosis `--resume PATH` applies before Ray starts. The export
+loads with
 `models.build(name, **args).load_state_dict(safetensors.torch.load_file(out))`; tied weights
 (transformer `embed.weight` / `head.weight`) are written as two equal tensors, because
 safetensors refuses shared storage and a strict `load_state_dict` wants both keys.
@@ -28,27 +31,23 @@ from system.ckpt_files import (
     TRAINER_STATE,
     CheckpointError,
     _MetadataUnpickler,
-    all_checkpoints,
-    committed_checkpoints,
     dcp_load,
     deepspeed_safe_load,
+    diagnose,
     load_json,
     verify,
 )
 
+# Exit status of `mnemo ckpt inspect` (also in its --help).
+EXIT_RESUMABLE, EXIT_NOT_RESUMABLE, EXIT_USAGE = 0, 1, 2
+
 
 def resolve(path: str | Path) -> Path:
-    """A checkpoint dir as given, or the newest committed one of a run dir."""
-    p = Path(path)
-    if (p / "checkpoints").is_dir():
-        done = committed_checkpoints(p)
-        if not done:
-            names = [d.name for d in all_checkpoints(p)]
-            raise CheckpointError(f"run dir {p} has no committed checkpoint (found: {names})")
-        return done[-1]
-    if not p.is_dir():
-        raise CheckpointError(f"checkpoint {p} does not exist")
-    return p
+    """The checkpoint dir `path` names (a run dir's newest committed one), resumable or not."""
+    diag = diagnose(path)
+    if diag.checkpoint is None:
+        raise CheckpointError(diag.message())
+    return diag.checkpoint
 
 
 def _dcp_metadata(d: Path) -> Any:
@@ -93,46 +92,71 @@ def model_tensors(d: Path, strategy: str) -> dict[str, tuple[list[int], str]]:
 
 
 def describe(path: str | Path, check_hashes: bool = False) -> dict[str, Any]:
-    """Everything `inspect` prints, as a dict."""
-    d = resolve(path)
-    info: dict[str, Any] = {"path": str(d), "committed": (d / COMMITTED).exists()}
-    try:
-        meta = load_json(d / TRAINER_STATE)
-    except CheckpointError as e:
-        info["error"] = str(e)
-        return info
-    info.update(
-        step=meta["step"],
-        tokens=meta.get("train_state", {}).get("tokens"),
-        strategy=meta["strategy"],
-        zero_stage=meta.get("zero_stage"),
-        world_size=meta["world_size"],
-        model=meta["model"],
-        model_args=meta.get("model_args", {}),
-        loader=meta.get("loader"),
-    )
+    """Everything `inspect` prints, as a dict; `resumable` is False with `problems` naming why."""
+    diag = diagnose(path)
+    if diag.checkpoint is None:  # not a checkpoint, missing, or a run dir without a committed one
+        return {
+            "path": str(diag.given),
+            "kind": diag.kind,
+            "resumable": False,
+            "problems": list(diag.problems),
+        }
+    d = diag.checkpoint
+    problems = list(diag.problems)
+    info: dict[str, Any] = {
+        "path": str(d),
+        "kind": diag.kind,
+        "committed": (d / COMMITTED).exists(),
+        "resumable": False,
+        "problems": problems,
+    }
     files = [p for p in d.rglob("*") if p.is_file()]
     info["files"] = len(files)
     info["bytes"] = sum(p.stat().st_size for p in files)
     if not (d / MANIFEST).exists():
-        info["manifest"] = "missing (interrupted save)"
+        info["manifest"] = "missing"
+    elif any(str(d / MANIFEST) in e for e in problems):
+        info["manifest"] = "FAILED (see problems)"
     elif check_hashes:
         try:
             verify(d)
             info["manifest"] = "ok (sizes and CRC-32 match)"
         except CheckpointError as e:
-            info["manifest"] = f"FAILED: {e}"
+            problems.append(str(e))
+            info["manifest"] = "FAILED (see problems)"
     else:
-        info["manifest"] = "present (not checked; --verify hashes every file)"
-    info["tensors"] = model_tensors(d, meta["strategy"])
+        ok = "sizes match" if not problems else "checked"
+        info["manifest"] = f"{ok} (CRC-32 not checked; --verify hashes every file)"
+    try:
+        meta = load_json(d / TRAINER_STATE)
+        info.update(
+            step=meta["step"],
+            tokens=meta.get("train_state", {}).get("tokens"),
+            strategy=meta["strategy"],
+            zero_stage=meta.get("zero_stage"),
+            world_size=meta["world_size"],
+            model=meta["model"],
+            model_args=meta.get("model_args", {}),
+            loader=meta.get("loader"),
+        )
+        info["tensors"] = model_tensors(d, meta["strategy"])
+    except CheckpointError as e:  # a file the size check already named is not named twice
+        named = str(e).split(" is ", 1)[0] + " is "
+        if not any(x.startswith(named) for x in problems):
+            problems.append(str(e))
+    except (KeyError, TypeError) as e:
+        problems.append(f"checkpoint file {d / TRAINER_STATE} lacks a field: {e}")
+    info["kind"] = diag.kind if diag.problems or not problems else "damaged"
+    info["resumable"] = not problems
     return info
 
 
 def consolidated_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Full fp32 model weights of a committed, verified checkpoint, plus its trainer_state."""
-    d = resolve(path)
-    if not (d / COMMITTED).exists():
-        raise CheckpointError(f"checkpoint {d} has no {COMMITTED} file (an interrupted save)")
+    diag = diagnose(path)
+    if not diag.resumable or diag.checkpoint is None:
+        raise CheckpointError(diag.message())
+    d = diag.checkpoint
     verify(d)
     meta = load_json(d / TRAINER_STATE)
     if meta["strategy"] == "deepspeed":
@@ -184,20 +208,28 @@ def _import_deepspeed() -> None:
 
 
 def _print_info(info: dict[str, Any]) -> None:
-    yes = "yes" if info["committed"] else "NO (interrupted save: never resumed from)"
-    print(f"checkpoint  {info['path']}\ncommitted   {yes}")
-    if "error" in info:
-        print(f"error       {info['error']}")
+    print(f"checkpoint  {info['path']}")
+    if "committed" in info:
+        yes = "yes" if info["committed"] else "NO (interrupted save: never resumed from)"
+        print(f"committed   {yes}")
+    kinds = {"not-a-checkpoint": "not a checkpoint", "missing": "does not exist"}
+    why = kinds.get(info["kind"], info["kind"].replace("-", " "))
+    print(f"resumable   {'yes' if info['resumable'] else f'NO ({why})'}")
+    for problem in info["problems"]:
+        print(f"problem     {problem}")
+    if "manifest" in info:
+        mib = info["bytes"] / 2**20
+        print(f"files       {info['files']} ({mib:.1f} MiB); manifest {info['manifest']}")
+    if "step" not in info:
         return
     zero = f", ZeRO-{info['zero_stage']}" if info.get("zero_stage") else ""
     print(f"step        {info['step']} (tokens {info['tokens']})")
     print(f"strategy    {info['strategy']}{zero}, world size {info['world_size']}")
     print(f"model       {info['model']} {json.dumps(info['model_args'])}")
-    mib = info["bytes"] / 2**20
-    print(f"files       {info['files']} ({mib:.1f} MiB); manifest {info['manifest']}")
-    n = sum(_numel(shape) for shape, _ in info["tensors"].values())
-    print(f"tensors     {len(info['tensors'])} ({n / 1e6:.2f}M values)")
-    for name, (shape, dtype) in info["tensors"].items():
+    tensors = info.get("tensors", {})
+    n = sum(_numel(shape) for shape, _ in tensors.values())
+    print(f"tensors     {len(tensors)} ({n / 1e6:.2f}M values)")
+    for name, (shape, dtype) in tensors.items():
         print(f"  {name:<48} {dtype:<9} {shape}")
 
 
@@ -211,7 +243,18 @@ def _numel(shape: list[int]) -> int:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mnemo ckpt", description="Inspect or export checkpoints.")
     sub = p.add_subparsers(dest="cmd", required=True)
-    i = sub.add_parser("inspect", help="step, world size, strategy, tensors, committed or not")
+    i = sub.add_parser(
+        "inspect",
+        help="step, world size, strategy, tensors; whether a run can resume from it",
+        description="Diagnose a checkpoint: COMMITTED present, MANIFEST.json well-formed, every "
+        "file it lists present at its recorded size (always; --verify also compares CRC-32s).",
+        epilog=f"exit status: {EXIT_RESUMABLE} = a committed checkpoint a run can resume from; "
+        f"{EXIT_NOT_RESUMABLE} = cannot be resumed from: an interrupted save (no COMMITTED), a "
+        "missing or resized file, a bad manifest or trainer_state.json, a CRC-32 mismatch "
+        "(--verify), a run dir without a committed checkpoint, a path that is not a "
+        f"checkpoint or does not exist; {EXIT_USAGE} = bad command line. The reasons are "
+        "printed as `problem` lines (or in the JSON's `problems`).",
+    )
     i.add_argument("path", help="checkpoint dir or run dir (newest committed checkpoint)")
     i.add_argument("--verify", action="store_true", help="hash every file against MANIFEST.json")
     i.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -230,8 +273,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(info, indent=2))
             else:
                 _print_info(info)
-            bad = "error" in info or str(info.get("manifest", "")).startswith("FAILED")
-            return 1 if bad else 0
+            return EXIT_RESUMABLE if info["resumable"] else EXIT_NOT_RESUMABLE
         out = export(args.path, args.out)
         print(f"wrote {out}")
         return 0

@@ -68,8 +68,12 @@ def resolve(recipe: str, args: argparse.Namespace) -> C.JobConfig:
     overrides += args.overrides
     cfg = C.load(recipe, args.preset, overrides)
     run_dir = args.run_dir or f"runs/{recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
+    from system.ckpt_files import resume_target  # lazy: it imports torch
+
+    # auto | never | PATH made absolute and checked here: the workers run in another directory.
+    resume = resume_target(args.resume)
     return dataclasses.replace(
-        cfg, run_dir=str(Path(run_dir).resolve()), resume=args.resume, address=args.address
+        cfg, run_dir=str(Path(run_dir).resolve()), resume=resume, address=args.address
     )
 
 

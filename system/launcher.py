@@ -159,8 +159,9 @@ def run(cfg: JobConfig) -> dict[str, Any]:
             raise result.error
         from system.checkpoint import prune_unreported
 
-        for d in prune_unreported(Path(cfg.run_dir)):  # a report lost with a killed worker
-            print(f"[mnemo] removed {d}: older than every checkpoint Ray kept", flush=True)
+        keep = cfg.checkpoint.keep  # a report lost with a killed worker, or a torchrun save
+        for d in prune_unreported(Path(cfg.run_dir), keep):
+            print(f"[mnemo] removed {d}: checkpoint.keep={keep}, Ray never knew it", flush=True)
         return dict(result.metrics or {})
     finally:
         if started:

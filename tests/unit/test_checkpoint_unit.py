@@ -12,6 +12,8 @@ import os
 import pickle
 import random
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -146,9 +148,9 @@ def test_keep_newest_and_uncommit_before_delete(tmp_path):
     assert not C.step_dir(tmp_path, 1).exists()
 
 
-def test_prune_unreported_removes_only_what_ray_never_kept(tmp_path):
-    """Ray's snapshot lists steps 3 and 5: 1 and 2 (reports lost with a killed worker) go;
-    4, newer than the oldest Ray kept, and an uncommitted leftover stay; no snapshot, no-op."""
+def test_prune_unreported_keeps_keep_counting_what_ray_never_knew(tmp_path):
+    """Ray's snapshot lists steps 3 and 5 and keep=3: one of the orphans 1, 2, 4 may stay, the
+    newest (4); 1 and 2 go; the uncommitted leftover stays; keep=10: nothing; no snapshot: no-op."""
     job = Job(tmp_path, **{"checkpoint.keep": 10})
     for _ in range(5):
         job.train(1)
@@ -156,11 +158,12 @@ def test_prune_unreported_removes_only_what_ray_never_kept(tmp_path):
     job.ckpt.finalize()
     leftover = C.step_dir(tmp_path, 0)
     leftover.mkdir()
-    assert C.prune_unreported(tmp_path) == []  # no snapshot: not a Ray run
+    assert C.prune_unreported(tmp_path, keep=3) == []  # no snapshot: not a Ray run
     names = [C.step_dir(tmp_path, s).name for s in (3, 5)]
     snapshot = {"checkpoint_results": [{"checkpoint_dir_name": n} for n in names]}
     (tmp_path / "checkpoints" / C.RAY_SNAPSHOT).write_text(json.dumps(snapshot))
-    removed = C.prune_unreported(tmp_path)
+    assert C.prune_unreported(tmp_path, keep=10) == []
+    removed = C.prune_unreported(tmp_path, keep=3)
     assert [d.name for d in removed] == ["step_00000001", "step_00000002"]
     assert [d.name for d in C.all_checkpoints(tmp_path)] == [
         "step_00000000",
@@ -289,7 +292,7 @@ def test_inspect_and_export(tmp_path, capsys):
         assert torch.equal(model.state_dict()[k], v), k
 
     os.remove(d / C.COMMITTED)
-    assert ckpt_tools.main(["inspect", str(d)]) == 0
+    assert ckpt_tools.main(["inspect", str(d)]) == 1  # an interrupted save is not resumable
     assert "committed   NO" in capsys.readouterr().out
     assert ckpt_tools.main(["export", str(d), "--out", str(out_file)]) == 2
     assert "no COMMITTED" in capsys.readouterr().err
@@ -305,3 +308,163 @@ def test_fault_env_is_validated(tmp_path, monkeypatch):
     monkeypatch.setenv("MNEMO_FAULT_AT_STEP", "x")
     with pytest.raises(ValueError, match="MNEMO_FAULT_AT_STEP='x'"):
         faults.maybe_fail(3, 0, tmp_path)
+
+
+# -- `mnemo ckpt inspect` and `--resume PATH`: one diagnosis, size checks always -------------
+def _saved(run: Path) -> Path:
+    """A real committed checkpoint (step 1) of a 1-rank job."""
+    job = Job(run)
+    job.train(1)
+    d = job.save()
+    job.ckpt.finalize()
+    return d
+
+
+def _inspect(capsys, *args: str) -> tuple[int, str]:
+    rc = ckpt_tools.main(["inspect", *map(str, args)])
+    return rc, capsys.readouterr().out
+
+
+def test_inspect_checks_sizes_without_verify(tmp_path, capsys):
+    d = _saved(tmp_path)
+    rc, out = _inspect(capsys, d)
+    assert rc == 0 and "resumable   yes" in out and "sizes match" in out
+    shard = d / "dcp" / "__0_0.distcp"
+    full = shard.stat().st_size
+    original = shard.read_bytes()
+    with open(shard, "r+b") as f:
+        f.truncate(full // 2)
+    rc, out = _inspect(capsys, d)
+    assert rc == 1 and "resumable   NO (damaged)" in out
+    assert f"{shard} is truncated or resized: {full // 2} bytes, {full} expected" in out
+    os.remove(shard)
+    rc, out = _inspect(capsys, d)
+    assert rc == 1 and f"{shard} is missing: {full} bytes expected" in out
+    rc, out = _inspect(capsys, d, "--json")
+    info = json.loads(out)
+    assert rc == 1 and info["resumable"] is False and info["kind"] == "damaged"
+    assert any(str(shard) in x for x in info["problems"])
+    shard.write_bytes(original)
+    assert _inspect(capsys, d)[0] == 0
+
+
+def _garbage(root: Path) -> Path:
+    root.mkdir(parents=True)
+    (root / "notes.txt").write_text("not a checkpoint\n")
+    (root / "blob.bin").write_bytes(os.urandom(1000))
+    (root / "sub").mkdir()
+    (root / "sub" / "x.pt").write_bytes(b"\x00" * 10)
+    return root
+
+
+def test_inspect_exit_code_and_diagnosis_per_case(tmp_path, capsys):
+    """0 only for a resumable checkpoint; 1 with the reason otherwise; garbage is 'not a
+    checkpoint', a save without COMMITTED is an 'interrupted save'."""
+    good = _saved(tmp_path / "run")
+    assert _inspect(capsys, tmp_path / "run")[0] == 0  # a run dir: its newest committed
+    assert _inspect(capsys, tmp_path / "run" / "checkpoints")[0] == 0  # its checkpoints dir
+
+    cases: dict[str, tuple[Path, list[str]]] = {}
+    d = shutil.copytree(good, tmp_path / "interrupted" / "checkpoints" / good.name)
+    os.remove(d / C.COMMITTED)
+    cases["interrupted"] = (d, ["interrupted save", f"no {C.COMMITTED} file"])
+    d = shutil.copytree(good, tmp_path / "bad-manifest" / good.name)
+    (d / C.MANIFEST).write_text("[1, 2]")
+    cases["bad manifest"] = (d, [f"{d / C.MANIFEST} is not a valid manifest", "expected"])
+    d = shutil.copytree(good, tmp_path / "bad-json" / good.name)
+    (d / C.MANIFEST).write_text("{not json")
+    cases["manifest not JSON"] = (d, [f"{d / C.MANIFEST} is not valid JSON"])
+    d = shutil.copytree(good, tmp_path / "no-manifest" / good.name)
+    os.remove(d / C.MANIFEST)
+    cases["no manifest"] = (d, [f"{d / C.MANIFEST} is missing"])
+    # Our shard files but no COMMITTED and any name: a save being written, not garbage.
+    d = tmp_path / "shards-only"
+    shutil.copytree(good / "dcp", d / "dcp")
+    cases["shards only"] = (d, ["interrupted save"])
+    g = _garbage(tmp_path / "garbage")
+    cases["garbage"] = (g, [f"{g} is not a checkpoint (found: blob.bin, notes.txt, sub)"])
+    e = tmp_path / "empty"
+    e.mkdir()
+    cases["empty"] = (e, [f"{e} is not a checkpoint (it is empty)"])
+    m = tmp_path / "nowhere"
+    cases["missing"] = (m, [f"{m} does not exist"])
+    r = tmp_path / "run-uncommitted"
+    shutil.copytree(tmp_path / "interrupted", r)
+    cases["run dir, none committed"] = (r, ["holds no committed checkpoint", good.name])
+
+    for name, (path, expect) in cases.items():
+        rc, out = _inspect(capsys, path)
+        assert rc == 1, (name, out)
+        assert "resumable   NO" in out, (name, out)
+        for text in expect:
+            assert text in out, (name, text, out)
+        if name in ("garbage", "empty", "missing"):
+            assert "interrupted" not in out, (name, out)
+        if name in ("garbage", "empty"):
+            assert "expected a checkpoint dir (RUN_DIR/checkpoints/step_XXXXXXXX" in out
+            assert "or a run dir (or its checkpoints/ dir) holding one" in out
+
+
+def test_mnemo_ckpt_inspect_command(tmp_path):
+    """As a user runs it: exit status 1 and the file named for a missing shard (no --verify);
+    --help documents the exit codes."""
+    from tests._runs import ROOT, env_for_subprocess
+
+    d = _saved(tmp_path)
+    shard = d / "dcp" / "__0_0.distcp"
+    os.remove(shard)
+    cmd = [sys.executable, "-m", "system.cli", "ckpt", "inspect"]
+    run = {"cwd": ROOT, "env": env_for_subprocess(), "capture_output": True, "text": True}
+    proc = subprocess.run([*cmd, str(d)], timeout=120, **run)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"problem     checkpoint file {shard} is missing" in proc.stdout
+    helped = subprocess.run([*cmd, "--help"], timeout=120, **run)
+    assert helped.returncode == 0
+    text = " ".join(helped.stdout.split())
+    assert "exit status: 0 = a committed checkpoint a run can resume from; 1 = cannot" in text
+    assert "2 = bad command line" in text
+
+
+def _resume_flag(capsys, value: str) -> tuple[int, str, str]:
+    """The recipe's command line up to --print-config: no Ray is started."""
+    import launch.transformer_lm  # noqa: F401  (registers the recipe)
+    from system.cli import recipe_main
+
+    rc = recipe_main("transformer_lm", ["--resume", value, "--print-config"])
+    got = capsys.readouterr()
+    resume = json.loads(got.out)["resume"] if rc == 0 else ""
+    return rc, resume, got.err
+
+
+def test_resume_flag_is_made_absolute_and_checked_before_ray(tmp_path, capsys, monkeypatch):
+    good = _saved(tmp_path / "run")
+    monkeypatch.chdir(tmp_path)
+    assert _resume_flag(capsys, "auto")[:2] == (0, "auto")
+    assert _resume_flag(capsys, "never")[:2] == (0, "never")
+    # A relative path reaches the workers absolute; a run dir, as its newest committed one.
+    assert _resume_flag(capsys, f"run/checkpoints/{good.name}")[:2] == (0, str(good.resolve()))
+    assert _resume_flag(capsys, "run")[:2] == (0, str(good.resolve()))
+
+    rc, _, err = _resume_flag(capsys, "sometimes")
+    assert rc == 2
+    assert f"--resume sometimes: {tmp_path.resolve() / 'sometimes'} does not exist" in err
+    assert "--resume takes auto, never, or the path of a committed checkpoint" in err
+    # Garbage and a damaged checkpoint: the message `mnemo ckpt inspect` prints.
+    _garbage(tmp_path / "junk")
+    rc, _, err = _resume_flag(capsys, "junk")
+    assert rc == 2 and "is not a checkpoint (found: blob.bin, notes.txt, sub)" in err
+    from system.ckpt_files import diagnose
+
+    assert diagnose(tmp_path / "junk").message() in err
+    shard = good / "dcp" / "__0_0.distcp"
+    full = shard.stat().st_size
+    os.remove(shard)
+    rc, _, err = _resume_flag(capsys, str(good))
+    assert rc == 2 and f"{shard} is missing: {full} bytes expected" in err
+
+
+def test_resume_path_outside_cli_gets_the_same_diagnosis(tmp_path):
+    """torchrun's config.json carries --resume unchecked: the Checkpointer applies it."""
+    junk = _garbage(tmp_path / "junk")
+    with pytest.raises(C.CheckpointError, match=r"--resume .*junk: .* is not a checkpoint"):
+        Job(tmp_path / "new", resume=str(junk))
