@@ -25,6 +25,8 @@ class ModelSpec:
     # Attribute holding the repeated blocks: FSDP2 shards and checkpoints each of them.
     block_attr: str = "layers"
     tags: tuple[str, ...] = field(default_factory=tuple)
+    # The paper the family comes from (authors year, title, arXiv id): `mnemo models` shows it.
+    paper: str = ""
 
 
 _REGISTRY: dict[str, ModelSpec] = {}

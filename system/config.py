@@ -7,7 +7,10 @@ named, before a cluster is asked for (torchtitan's habit, STYLE.md 5).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
+import os
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -39,6 +42,38 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if not self.name:
             raise ValueError("model.name is empty; expected a name from models.list_models()")
+        check_model(self.name, self.args)
+
+
+def check_model(name: str, args: dict[str, Any]) -> None:
+    """Refuse an unregistered model.name or model.args the model's config rejects.
+
+    Why here: otherwise the name fails only in the workers, after Ray has started, once per
+    rank. Only the config dataclass is built (no weights), so this costs milliseconds.
+    """
+    import models  # lazy: torch is imported only when a config is actually built
+
+    known = models.list_models()
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=5, cutoff=0.6)
+        if close:
+            expected = f"did you mean {' or '.join(map(repr, close))}? (`mnemo models` lists all)"
+        else:
+            expected = f"expected one of: {', '.join(known)} (`mnemo models` describes them)"
+        raise ValueError(f"model.name={name!r} is not a registered model; {expected}")
+    model_cfg = models.get_spec(name).config_fn()
+    if is_dataclass(model_cfg):
+        try:
+            hints = typing.get_type_hints(type(model_cfg))
+        except (NameError, TypeError):  # an annotation we cannot resolve: make_config decides
+            hints = {}
+        for key, value in args.items():
+            if key in hints:
+                _coerce(f"model.args.{key}", value, hints[key])
+    try:
+        models.make_config(name, **args)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"model.args={args!r} for model.name={name!r}: {e}") from None
 
 
 @dataclass(kw_only=True)
@@ -187,11 +222,190 @@ class JobConfig:
     log: LogConfig = field(default_factory=LogConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+    def __post_init__(self) -> None:
+        check_address(self.address)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole-job checks: what the workers would otherwise find only after Ray has started.
+
+ADDRESS_FORMS = "auto | local | HOST:PORT | ray://HOST:PORT"
+_HOST_PORT = re.compile(
+    r"(?P<host>[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])"
+    r":(?P<port>[0-9]{1,5})"
+)
+
+
+def check_address(address: str) -> None:
+    """Refuse a Ray address ray.init cannot use, before anything connects to it.
+
+    http(s):// is the dashboard / Jobs API address of `ray job submit --address`, which
+    ray.init refuses: say so, since it is the address a cluster's docs most often show.
+    """
+    if address in ("auto", "local"):
+        return
+    if address.startswith(("http://", "https://")):
+        raise ValueError(
+            f"address={address!r} is a Ray dashboard / Jobs API URL (for `ray job submit "
+            f"--address`), not a cluster address; expected {ADDRESS_FORMS}, e.g. HEAD:6379 or "
+            "ray://HEAD:10001"
+        )
+    rest = address[len("ray://") :] if address.startswith("ray://") else address
+    m = _HOST_PORT.fullmatch(rest)
+    if m is None or not 0 < int(m["port"]) < 65536:
+        raise ValueError(
+            f"address={address!r} is not a Ray address; expected {ADDRESS_FORMS} "
+            "(PORT in 1..65535), e.g. 10.0.0.5:6379 or ray://head:10001"
+        )
+
+
+def launch_world(launcher: str = "ray", workers: int = 0) -> int:
+    """The world size the loop will see: scaling.workers under Ray, torchrun's WORLD_SIZE
+    (1 when run alone) when the loop runs in this process (`--launcher none`, torchrun)."""
+    if launcher == "ray":
+        return workers
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_job(cfg: JobConfig, world: int | None = None) -> None:
+    """Cross-field rules of a job about to launch on `world` ranks (default scaling.workers).
+
+    Not part of from_dict: a config.json is also loaded under torchrun with another world
+    size, and by tools that only read it.
+    """
+    t = cfg.train
+    world = cfg.scaling.workers if world is None else world
+    per_step = t.seq_len * t.micro_batch
+    if t.batch_tokens % (per_step * world):
+        fits = [
+            n
+            for n in range(1, t.batch_tokens // per_step + 1)
+            if t.batch_tokens % (per_step * n) == 0
+        ]
+        raise ValueError(
+            f"train.batch_tokens={t.batch_tokens} is not a multiple of train.seq_len * "
+            f"train.micro_batch * workers = {t.seq_len} * {t.micro_batch} * {world} = "
+            f"{per_step * world}; with this batch, seq_len and micro_batch the worker count "
+            f"must be one of {fits or 'none (batch_tokens < seq_len * micro_batch)'}, or change "
+            "train.batch_tokens / train.micro_batch"
+        )
+    if cfg.data.source in ("passkey", "niah"):
+        import numpy as np
+
+        from data.synthetic import make_needle  # numpy only; builds one probe
+
+        kwargs = {"kind": cfg.data.source, "digits": cfg.data.passkey_digits}
+        if hasattr(cfg.data, "passkey_alphabet"):
+            kwargs["alphabet"] = cfg.data.passkey_alphabet
+        try:
+            make_needle(np.random.default_rng(0), t.seq_len + 1, **kwargs)
+        except ValueError as e:
+            need = re.search(r">= (\d+)", str(e))
+            bound = f"expected train.seq_len >= {int(need[1]) - 1}" if need else str(e)
+            raise ValueError(
+                f"train.seq_len={t.seq_len} is too short for data.source={cfg.data.source!r} "
+                f"probes ({cfg.data.passkey_digits}-digit key, question and answer); {bound}"
+            ) from None
+
+
+def check_local(cfg: JobConfig) -> None:
+    """Checks that hold only where this machine's files and devices are the workers' (an
+    embedded or local cluster, `ray job submit` onto the head, torchrun): data paths exist,
+    the tokenizer's ids fit the model's vocabulary, GPUs asked for are present.
+
+    Skipped for a remote address (HOST:PORT, ray://): there the paths name the cluster's
+    filesystem, not this one.
+    """
+    if cfg.address not in ("auto", "local"):
+        return
+    d = cfg.data
+    vocab = None  # token ids the data can hold
+    if d.source in ("passkey", "niah"):
+        vocab = 258  # byte tokenizer (data/tokenizers.py)
+    elif d.source == "text":
+        for part in [p for p in d.path.split(",") if p]:
+            if not _remote(part) and not Path(part).exists():
+                raise ValueError(
+                    f"data.path entry {part!r} does not exist; expected text files or "
+                    "directories (comma separated)"
+                )
+        vocab = _tokenizer_vocab(d.tokenizer)
+    elif d.source == "shards" and not _remote(d.path):
+        vocab = _check_shard_path(d.path)
+    model_vocab = getattr(_model_config(cfg), "vocab_size", None)
+    if vocab is not None and isinstance(model_vocab, int) and vocab > model_vocab:
+        raise ValueError(
+            f"the data's token ids go up to {vocab - 1} but model.name={cfg.model.name!r} has "
+            f"vocab_size={model_vocab}; expected vocab_size >= {vocab} (--set "
+            f"model.args.vocab_size={vocab}) or a tokenizer / dataset that fits"
+        )
+    if cfg.scaling.use_gpu == "true" and cfg.address == "local":
+        import torch
+
+        have, need = torch.cuda.device_count(), cfg.scaling.workers * cfg.scaling.gpus_per_worker
+        if need > have:
+            raise ValueError(
+                f"scaling.use_gpu=true asks for {need:g} GPUs ({cfg.scaling.workers} workers x "
+                f"{cfg.scaling.gpus_per_worker:g}) but this machine has {have}; expected "
+                "scaling.use_gpu=auto / false or fewer --workers"
+            )
+
+
+def _remote(path: str) -> bool:
+    return "://" in path or path.startswith("pipe:")
+
+
+def _model_config(cfg: JobConfig) -> Any:
+    import models
+
+    return models.make_config(cfg.model.name, **cfg.model.args)
+
+
+def _tokenizer_vocab(spec: str) -> int | None:
+    if spec in ("", "byte"):
+        return 258
+    if _remote(spec):
+        return None
+    if not Path(spec).is_file():
+        raise ValueError(
+            f"data.tokenizer={spec!r} does not exist; expected 'byte' or a tokenizer.json file"
+        )
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(spec).get_vocab_size()
+
+
+def _check_shard_path(path: str) -> int | None:
+    """A shard pattern's files, or the dataset's index.json, exist; returns its vocab_size."""
+    if ".tar" in path and not path.endswith(".json"):
+        import braceexpand
+
+        files = [f for part in path.split(",") if part for f in braceexpand.braceexpand(part)]
+        missing = [f for f in files if not Path(f).is_file()]
+        if missing:
+            raise ValueError(
+                f"data.path={path!r}: {len(missing)} of {len(files)} shard file(s) do not exist "
+                f"(first: {missing[0]!r})"
+            )
+        return None
+    index = Path(path) if path.endswith(".json") else Path(path) / "index.json"
+    if not index.is_file():
+        raise ValueError(
+            f"data.path={path!r}: {index} does not exist; expected a directory written by "
+            "`mnemo data text`, its index.json, or a shard pattern like "
+            "DIR/shard-{000000..000009}.tar"
+        )
+    try:
+        vocab = json.loads(index.read_text()).get("vocab_size")
+    except (json.JSONDecodeError, AttributeError):
+        return None  # the reader names what is wrong with it
+    return vocab if isinstance(vocab, int) else None
 
 
 # ---------------------------------------------------------------------------------------------

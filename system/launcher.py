@@ -54,14 +54,19 @@ def connect(address: str, workers: int, cpus_per_worker: float) -> bool:
             except ConnectionError:
                 pass
         need = workers * cpus_per_worker
-        ray.init(
-            num_cpus=max(os.cpu_count() or 1, int(need + 0.999)),
-            include_dashboard=True,  # Train V2 watches its controller through the State API
-            dashboard_host="127.0.0.1",
-            dashboard_port=_free_port(),  # never collide with a head already on 8265
-            runtime_env=runtime_env,
-            log_to_driver=True,
-        )
+        print("[mnemo] starting an embedded Ray cluster on this machine", flush=True)
+        try:
+            ray.init(
+                num_cpus=max(os.cpu_count() or 1, int(need + 0.999)),
+                include_dashboard=True,  # Train V2 watches its controller through the State API
+                dashboard_host="127.0.0.1",
+                dashboard_port=_free_port(),  # never collide with a head already on 8265
+                runtime_env=runtime_env,
+                log_to_driver=True,
+            )
+        except BaseException:  # Ctrl-C (or a failure) half-way: stop what was started
+            ray.shutdown()
+            raise
         return True
     target = "auto" if address == "auto" else address
     ray.init(address=target, runtime_env=runtime_env, log_to_driver=True)
@@ -132,6 +137,119 @@ def _cluster_has_gpus() -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
+class RunFailed(RuntimeError):
+    """Training failed in a worker (or Ray Train's controller); str() is the root error, once.
+
+    Why: Ray Train V2 raises a WorkerGroupError whose message repeats every rank's traceback;
+    the CLI prints this one line instead, after Ray's own logs.
+    """
+
+
+# Errors a rank raises because another rank went first (its peer vanished mid-collective).
+_COLLATERAL = ("connection closed by peer", "connection reset by peer", "broken pipe")
+
+
+def _innermost(exc: BaseException) -> BaseException:
+    """Unwrap Ray's wrappers and the __cause__ chain down to the error that started it."""
+    seen: set[int] = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        inner = getattr(exc, "_base_exc", None)  # ray.train UserExceptionWithTraceback
+        if inner is None:
+            inner = getattr(exc, "cause", None)  # ray.exceptions.RayTaskError
+        if not isinstance(inner, BaseException):
+            inner = exc.__cause__
+        if inner is None:
+            break
+        exc = inner
+    return exc
+
+
+def _collateral(exc: BaseException) -> bool:
+    from ray.exceptions import RayActorError
+
+    if isinstance(exc, RayActorError):  # a killed worker: often the root, but not when
+        return True  # another rank raised an exception of its own
+    text = str(exc).lower()
+    return type(exc).__name__ == "DistBackendError" or any(m in text for m in _COLLATERAL)
+
+
+def _message(exc: BaseException) -> str:
+    text = str(exc).strip() or "(no message)"
+    if type(exc).__module__.startswith("ray."):  # Ray's own: several lines of actor details
+        text = text.splitlines()[0]
+    return text
+
+
+def describe_failure(err: BaseException) -> str:
+    """`Type: message (where)` of the root error behind a failed `fit()`.
+
+    Of the failed ranks, the lowest one whose error is its own (not a peer that vanished or a
+    worker process that died) is the root; the others are named after it.
+    """
+    from ray.train import ControllerError, WorkerGroupError
+
+    if isinstance(err, WorkerGroupError) and err.worker_failures:
+        failures = {r: _innermost(e) for r, e in sorted(err.worker_failures.items())}
+        rank = min(failures, key=lambda r: (_collateral(failures[r]), r))
+        exc = failures[rank]
+        others = [str(r) for r in failures if r != rank]
+        also = f"; rank{'s' if len(others) > 1 else ''} {', '.join(others)} failed too"
+        where = f"rank {rank}" + (also if others else "")
+    elif isinstance(err, ControllerError):
+        exc, where = _innermost(err.controller_failure), "Ray Train controller"
+    else:
+        exc, where = _innermost(err), "driver"
+    return f"{type(exc).__name__}: {_message(exc)} ({where})"
+
+
+def _fit(trainer: Any) -> Any:
+    """trainer.fit(), its failure raised as RunFailed, a Ctrl-C during it as KeyboardInterrupt.
+
+    Ray Train installs its own SIGINT handler inside fit(): it aborts the run, then calls
+    sys.exit(0) or lets the controller's exit surface as an actor error, so a Ctrl-C would
+    end with status 0 or 1. While fit() runs, signal.signal wraps that handler to note that
+    it ran; Ray's handler still does the graceful abort.
+    """
+    import signal
+    import threading
+
+    from ray.train import TrainingFailedError
+
+    interrupted: list[int] = []
+    real_signal = signal.signal
+
+    def noting(sig: int, handler: Any) -> Any:
+        if sig == signal.SIGINT and callable(handler):
+            ray_handler = handler
+
+            def handler(signum: int, frame: Any) -> None:
+                interrupted.append(signum)
+                ray_handler(signum, frame)
+
+        return real_signal(sig, handler)
+
+    before = signal.getsignal(signal.SIGINT)
+    signal.signal = noting
+    try:
+        try:
+            result = trainer.fit()
+        except TrainingFailedError as e:
+            if not interrupted:
+                raise RunFailed(describe_failure(e)) from None
+        except (SystemExit, Exception):
+            if not interrupted:
+                raise
+        else:
+            if not interrupted:
+                return result
+        raise KeyboardInterrupt
+    finally:
+        signal.signal = real_signal
+        if before is not None and threading.current_thread() is threading.main_thread():
+            real_signal(signal.SIGINT, before)
+
+
 def run(cfg: JobConfig) -> dict[str, Any]:
     """Run the job on Ray; returns the final reported metrics."""
     import ray
@@ -154,9 +272,9 @@ def run(cfg: JobConfig) -> dict[str, Any]:
 
             retire_checkpoints(Path(cfg.run_dir))
             cfg = dataclasses.replace(cfg, resume="auto")
-        result = build_trainer(cfg).fit()
+        result = _fit(build_trainer(cfg))
         if result.error is not None:
-            raise result.error
+            raise RunFailed(describe_failure(result.error))
         from system.checkpoint import prune_unreported
 
         keep = cfg.checkpoint.keep  # a report lost with a killed worker, or a torchrun save

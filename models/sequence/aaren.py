@@ -128,7 +128,11 @@ _SIZES = {
     "aaren-small": lambda: AarenConfig(dim=512, n_layers=6, n_heads=8),
 }
 
+AAREN_PAPER = 'Feng et al. 2024, "Attention as an RNN", arXiv:2405.13956'
+
 for _name, _fn in _SIZES.items():
-    register(ModelSpec(name=_name, family="aaren", config_fn=_fn, builder=AarenLM))
+    register(
+        ModelSpec(name=_name, family="aaren", config_fn=_fn, builder=AarenLM, paper=AAREN_PAPER)
+    )
 
 NOMINAL_PARAMS = {"aaren-small": 17.4e6}

@@ -305,8 +305,14 @@ _SIZES = {
     ),
 }
 
+LANDMARK_PAPER = 'Mohtashami & Jaggi 2023, "Landmark Attention", arXiv:2305.16300'
+
 for _name, _fn in _SIZES.items():
-    register(ModelSpec(name=_name, family="landmark", config_fn=_fn, builder=LandmarkLM))
+    register(
+        ModelSpec(
+            name=_name, family="landmark", config_fn=_fn, builder=LandmarkLM, paper=LANDMARK_PAPER
+        )
+    )
 
 # epfml's GPT-2 base at these sizes: 12 * (12 d^2 + 2 d) + 50304 d + d = 202.5M
 NOMINAL_PARAMS = {"landmark-pg19": 202.5e6}

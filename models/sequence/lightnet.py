@@ -262,7 +262,13 @@ _SIZES = {
     ),
 }
 
+LIGHTNET_PAPER = 'Qin et al. 2024, "You Only Scan Once" (LightNet), arXiv:2405.21022'
+
 for _name, _fn in _SIZES.items():
-    register(ModelSpec(name=_name, family="lightnet", config_fn=_fn, builder=LightNet))
+    register(
+        ModelSpec(
+            name=_name, family="lightnet", config_fn=_fn, builder=LightNet, paper=LIGHTNET_PAPER
+        )
+    )
 
 NOMINAL_PARAMS = {"lightnet-340m": 340e6}

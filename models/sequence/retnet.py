@@ -242,7 +242,11 @@ _SIZES = {
     "retnet-6.7b": lambda: _cfg(vocab_size=32000, dim=4096, n_layers=32, n_heads=16),
 }
 
+RETNET_PAPER = 'Sun et al. 2023, "Retentive Network", arXiv:2307.08621'
+
 for _name, _fn in _SIZES.items():
-    register(ModelSpec(name=_name, family="retnet", config_fn=_fn, builder=RetNet))
+    register(
+        ModelSpec(name=_name, family="retnet", config_fn=_fn, builder=RetNet, paper=RETNET_PAPER)
+    )
 
 NOMINAL_PARAMS = {"retnet-1.3b": 1.3e9, "retnet-2.7b": 2.7e9, "retnet-6.7b": 6.7e9}

@@ -142,8 +142,18 @@ _SIZES = {
     ),
 }
 
+TRANSFORMER_PAPER = 'Touvron et al. 2023, "LLaMA" (Transformer++), arXiv:2302.13971'
+
 for _name, _fn in _SIZES.items():
-    register(ModelSpec(name=_name, family="transformer", config_fn=_fn, builder=Transformer))
+    register(
+        ModelSpec(
+            name=_name,
+            family="transformer",
+            config_fn=_fn,
+            builder=Transformer,
+            paper=TRANSFORMER_PAPER,
+        )
+    )
 
 # Nominal sizes (parameters) the presets are checked against in tests (within 2%).
 NOMINAL_PARAMS = {"transformer-170m": 170e6, "transformer-340m": 340e6, "transformer-760m": 760e6}

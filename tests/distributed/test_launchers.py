@@ -6,9 +6,16 @@ Each writes the run directory of DESIGN.md; the loss falls; world_size is 2.
 from __future__ import annotations
 
 import json
+import os
+import re
+import select
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import time
+from pathlib import Path
 
 import pytest
 
@@ -104,3 +111,98 @@ def test_accelerate_launch_two_processes(tmp_path):
     )
     check(proc)
     _check_run_dir(tmp_path, cfg.train.steps, world=2)
+
+
+def _recipe_cmd(run, *flags: str) -> list[str]:
+    """`mnemo train transformer_lm` on an embedded cluster, as the console script runs it."""
+    code = "import sys; from system.cli import main; sys.exit(main())"
+    return [sys.executable, "-c", code, "train", "transformer_lm", "--address", "local"] + [
+        "--run-dir",
+        str(run),
+        "--resume",
+        "never",
+        *flags,
+    ]
+
+
+def test_worker_error_is_reported_once_at_the_end(tmp_path):
+    """A fault only the workers can see (a dataset whose index.json is not ours): exit 1 and
+    the root error as the last line, once, with its rank, not WorkerGroupError's repeats."""
+    bad = tmp_path / "ds"
+    bad.mkdir()
+    (bad / "index.json").write_text('{"format": "someone-elses", "shards": []}')
+    cmd = _recipe_cmd(tmp_path / "run", "--set", "data.source=shards", "--set", f"data.path={bad}")
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env=env_for_subprocess(), capture_output=True, text=True, timeout=400
+    )
+    assert proc.returncode == 1, proc.stderr[-4000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    root = (
+        f"error: ValueError: {bad}/index.json: format='someone-elses' kind=None; expected a "
+        "'mnemosyne-shards' token dataset"
+    )
+    # Both ranks fail the same way; whether rank 1 has failed too when Ray's controller polls
+    # is a race, so the suffix may or may not be there.
+    assert last in (f"{root} (rank 0)", f"{root} (rank 0; rank 1 failed too)"), proc.stderr[-4000:]
+    assert [x for x in proc.stderr.splitlines() if x.startswith("error:")] == [last]
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(f"{pid}: {cmdline[:200]}")
+    return found
+
+
+@pytest.mark.parametrize(
+    "phase,marker", [("ray.init", "starting an embedded Ray cluster"), ("training", "| accum ")]
+)
+def test_ctrl_c_exits_130_without_traceback(phase, marker):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) while the embedded
+    cluster starts or while workers train: `interrupted`, status 130, no traceback, and no
+    process of the cluster we started is left behind."""
+    ray_tmp = tempfile.mkdtemp(prefix="mnemo-sig", dir="/tmp")  # short: Ray's socket paths
+    env = {**env_for_subprocess(), "RAY_TMPDIR": ray_tmp, "PYTHONUNBUFFERED": "1"}
+    cmd = _recipe_cmd(Path(ray_tmp) / "run", "--set", "train.steps=100000", "--set", "log.every=1")
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        seen, deadline = [], time.time() + 240
+        while not any(marker in x for x in seen):
+            ready, _, _ = select.select([proc.stdout], [], [], 5)
+            line = proc.stdout.readline() if ready else ""
+            if (ready and not line) or time.time() > deadline:
+                proc.kill()
+                out, err = proc.communicate()
+                raise AssertionError(f"{marker!r} never printed:\n{''.join(seen)}{out}\n{err}")
+            seen.append(line)
+        time.sleep(1.0)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, err[-4000:]
+    assert err.rstrip().endswith("interrupted"), err[-4000:]
+    # Ray's own actors may log tracebacks as the cluster goes down (forwarded, prefixed with
+    # "(ActorName pid=N)"); the driver itself must print none.
+    ours = [x for x in err.splitlines() if not re.match(r"(\x1b\[\d+m)?\(\w+ pid=\d+", x)]
+    assert not [x for x in ours if "Traceback" in x], err[-4000:]
+    deadline = time.time() + 30
+    while _processes_mentioning(ray_tmp) and time.time() < deadline:
+        time.sleep(1)
+    assert not _processes_mentioning(ray_tmp)
+    shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -86,7 +87,9 @@ def test_cli_flags_resolve(tmp_path, capsys):
             "--preset",
             "smoke",
             "--workers",
-            "3",
+            "4",
+            "--set",
+            "train.micro_batch=4",
             "--strategy",
             "deepspeed",
             "--zero",
@@ -106,7 +109,7 @@ def test_cli_flags_resolve(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["scaling"] == {
         **out["scaling"],
-        "workers": 3,
+        "workers": 4,
         "strategy": "deepspeed",
         "zero_stage": 3,
     }
@@ -131,3 +134,120 @@ def test_overrides_validate_after_all_are_applied():
     assert (cfg.data.source, cfg.data.path) == ("shards", "/tmp/x")
     with pytest.raises(ValueError, match="data.path is empty; data.source='shards' needs a path"):
         C.apply_overrides(C.JobConfig(), ["data.source=shards"])
+
+
+# -------------------------------------------------------------------------------------------
+# Checks made at load time (before Ray starts), so `--print-config` refuses these too.
+
+
+def _print_config(capsys, *flags: str) -> tuple[int, str]:
+    import launch.transformer_lm  # noqa: F401  (registers its presets)
+
+    rc = recipe_main("transformer_lm", ["--print-config", "--run-dir", "/tmp/unused", *flags])
+    return rc, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags,pattern",
+    [
+        (
+            ["--set", "model.name=titans-mac-tni"],
+            r"model.name='titans-mac-tni' is not a registered model; did you mean "
+            r"'titans-mac-tiny'",
+        ),
+        (
+            ["--set", "model.name=gpt5"],
+            r"model.name='gpt5' is not a registered model; expected one of: aaren-small, .*"
+            r"transformer-tiny",
+        ),
+        (["--set", "model.args.dimm=3"], r"model 'transformer-tiny' has no config field.*dimm"),
+        (["--set", "model.args.dim=wide"], r"model.args.dim='wide': expected a value of type int"),
+        (["--set", "model.args.dim=30"], r"dim=30 is not divisible by n_heads=4"),
+        (
+            ["--workers", "3"],
+            r"train.batch_tokens=2048 is not a multiple of .* 128 \* 8 \* 3 = 3072; .*"
+            r"must be one of \[1, 2\]",
+        ),
+        (["--zero", "3"], r"--zero 3 applies to DeepSpeed only, but scaling.strategy='ddp'"),
+        (
+            ["--set", "train.seq_len=32", "--set", "train.batch_tokens=512"],
+            r"train.seq_len=32 is too short for data.source='passkey' probes.*>= 87",
+        ),
+        (
+            ["--set", "model.args.vocab_size=100"],
+            r"token ids go up to 257 but model.name='transformer-tiny' has vocab_size=100",
+        ),
+        (["--set", "data.source=shards"], r"data.path is empty; data.source='shards'"),
+        (
+            ["--set", "data.source=shards", "--set", "data.path=/nonexistent/ds"],
+            r"data.path='/nonexistent/ds': /nonexistent/ds/index.json does not exist",
+        ),
+        (
+            ["--set", "data.source=shards", "--set", "data.path=/nonexistent/s-{0..3}.tar"],
+            r"4 of 4 shard file\(s\) do not exist \(first: '/nonexistent/s-0.tar'\)",
+        ),
+        (
+            ["--set", "data.source=text", "--set", "data.path=/nonexistent.txt"],
+            r"data.path entry '/nonexistent.txt' does not exist",
+        ),
+        (
+            ["--set", "data.source=text", "--set", f"data.path={ROOT / 'README.md'}"]
+            + ["--set", "data.tokenizer=/nonexistent/tokenizer.json"],
+            r"data.tokenizer='/nonexistent/tokenizer.json' does not exist",
+        ),
+        (["--address", "foo"], r"address='foo' is not a Ray address; expected auto \| local"),
+        (["--address", "head:99999"], r"address='head:99999' is not a Ray address"),
+        (["--address", "http://head:8265"], r"is a Ray dashboard / Jobs API URL"),
+        (
+            ["--address", "local", "--set", "scaling.use_gpu=true", "--workers", "1"]
+            + ["--set", "scaling.gpus_per_worker=64"],
+            r"scaling.use_gpu=true asks for 64 GPUs",
+        ),
+    ],
+)
+def test_print_config_refuses_what_would_fail_in_the_workers(capsys, flags, pattern):
+    rc, err = _print_config(capsys, *flags)
+    assert rc == 2, err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert re.search(pattern, err), err
+
+
+@pytest.mark.parametrize(
+    "address", ["auto", "local", "10.0.0.5:6379", "head-0.svc:6379", "ray://head:10001", "[::1]:1"]
+)
+def test_good_addresses_pass(capsys, address):
+    rc, err = _print_config(capsys, "--address", address)
+    assert rc == 0, err
+
+
+def test_remote_address_skips_local_path_checks(capsys):
+    """On a remote cluster data.path names the cluster's files, which this machine lacks."""
+    flags = ["--set", "data.source=shards", "--set", "data.path=/mnt/cluster/ds"]
+    assert _print_config(capsys, "--address", "ray://head:10001", *flags)[0] == 0
+    assert _print_config(capsys, *flags)[0] == 2
+
+
+def test_existing_shard_dir_passes(tmp_path, capsys):
+    (tmp_path / "index.json").write_text(json.dumps({"vocab_size": 258}))
+    flags = ["--set", "data.source=shards", "--set", f"data.path={tmp_path}"]
+    assert _print_config(capsys, *flags)[0] == 0
+    (tmp_path / "index.json").write_text(json.dumps({"vocab_size": 50000}))
+    rc, err = _print_config(capsys, *flags)
+    assert rc == 2 and "token ids go up to 49999" in err, err
+
+
+def test_torchrun_world_size_is_the_one_checked(capsys, monkeypatch):
+    """Under torchrun the loop's world is WORLD_SIZE, not scaling.workers."""
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    rc, err = _print_config(capsys, "--launcher", "none")
+    assert rc == 2 and "128 * 8 * 3 = 3072" in err, err
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert _print_config(capsys, "--launcher", "none")[0] == 0
+
+
+def test_config_json_with_another_world_still_loads():
+    """from_dict (workers, torchrun, tools) does not apply the launch-time world check."""
+    cfg = C.apply_overrides(C.smoke_base(), ["scaling.workers=3"])
+    assert C.from_dict(cfg.to_dict()).scaling.workers == 3
+    with pytest.raises(ValueError, match="128 \\* 8 \\* 3"):
+        C.check_job(cfg)
