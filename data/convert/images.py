@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from data.convert.text import _progress_bar, parse_size, prepare_output
+from data.convert.text import _progress_bar, parse_size, staged_output
 from data.shard_format import FORMAT, ShardWriter, write_index
 
 _SCALE_SUFFIX = re.compile(r"x\d+$", re.IGNORECASE)
@@ -111,18 +111,42 @@ def convert_images(
             if not d.is_dir():
                 raise FileNotFoundError(f"{d} is not a directory")
     out = Path(out)
-    existed = out.is_dir()
-    prepare_output(out, force)
+    with staged_output(out, force) as stage:
+        meta = _images_into(
+            stage,
+            input,
+            lr,
+            hr,
+            root if lr is None else None,
+            pair_dirs,
+            shard_size,
+            seed,
+            progress,
+        )
+    return meta
+
+
+def _images_into(
+    stage: Path,
+    input: str | None,
+    lr: str | None,
+    hr: str | None,
+    root: Path | None,
+    pair_dirs: tuple[Path, Path] | None,
+    shard_size: str | int,
+    seed: int,
+    progress: bool,
+) -> dict[str, Any]:
+    """Image shards and index.json under `stage`; the index content."""
     stats = ImageStats()
     meta: dict[str, Any] = {"format": FORMAT, "version": 1, "created_by": "mnemo data images"}
-    with ShardWriter(out, max_bytes=parse_size(shard_size)) as writer:
+    with ShardWriter(stage, max_bytes=parse_size(shard_size)) as writer:
         if pair_dirs is not None:
             meta.update(_write_pairs(writer, *pair_dirs, stats, progress))
         else:
+            assert root is not None
             meta.update(_write_classes(writer, root, seed, stats, progress))
     if not writer.shards:
-        if not existed:
-            out.rmdir()
         where = f"--input {input}" if lr is None else f"--lr {lr} --hr {hr}"
         raise ValueError(
             f"{where}: no images found ({stats.skipped_non_image} non-image file(s), "
@@ -139,7 +163,7 @@ def convert_images(
         "bytes": sum(s["bytes"] for s in shards),
     }
     meta["inputs"] = asdict(stats)
-    write_index(out, meta)
+    write_index(stage, meta)
     return meta
 
 

@@ -16,9 +16,13 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import re
+import shutil
 import sys
+import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -164,10 +168,9 @@ def _jsonl_docs(
 _OURS = re.compile(r"^\.?(index\.json|shard-\d{6}\.(tar|idx\.npy|crc\.npy))(\.tmp\.\d+)?$")
 
 
-def prepare_output(out: Path, force: bool) -> None:
-    """Make `out` ready for a new dataset, refusing (ValueError naming the path) to write into a
-    file, beside unrelated files, or over an earlier dataset without `force`; with `force` the
-    earlier output is removed, index.json first so it is never read half-removed."""
+def check_output(out: Path, force: bool) -> list[Path]:
+    """Refuse (ValueError naming the path) to write into a file, beside unrelated files, or over
+    an earlier dataset without `force`; returns the earlier output's files."""
     for p in (out, *out.parents):
         if p.exists() or p.is_symlink():
             if not p.is_dir():
@@ -190,15 +193,39 @@ def prepare_output(out: Path, force: bool) -> None:
             f"--out {out} already holds a dataset ({entries[0].name}, {len(entries)} file(s)); "
             "pass --force to replace it"
         )
-    if entries:
-        shards = sum(e.name.endswith(".tar") for e in entries)
+    return entries
+
+
+@contextmanager
+def staged_output(out: Path, force: bool) -> Iterator[Path]:
+    """A folder beside `out` to write the new dataset into, swapped in only once complete.
+
+    A conversion that fails (bad input half-way, nothing to convert, Ctrl-C) leaves `out` as it
+    was: the earlier dataset with --force, or no new folder. The swap removes the old files
+    index.json first and moves the new ones in index.json last, so a reader never sees a
+    dataset whose index names shards that are not there.
+    """
+    check_output(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    old = check_output(out, force)  # again: the folder may have changed while we converted
+    if old:
+        shards = sum(e.name.endswith(".tar") for e in old)
         print(
             f"mnemo data: replacing the earlier output in {out} ({shards} shard(s))",
             file=sys.stderr,
         )
-        for e in sorted(entries, key=lambda e: e.name != INDEX_NAME):
-            e.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(exist_ok=True)
+    for e in sorted(old, key=lambda e: e.name != INDEX_NAME):
+        e.unlink()
+    for e in sorted(stage.iterdir(), key=lambda e: e.name == INDEX_NAME):
+        os.replace(e, out / e.name)
+    stage.rmdir()
 
 
 def _may_hold_text(path: Path) -> bool:
@@ -247,11 +274,29 @@ def convert_text(
         stats.skipped_binary = sum(f.stat().st_size > 0 for f in files)
         stats.empty_documents = len(files) - stats.skipped_binary
         raise _no_documents(inputs, stats, len(files) + stats.skipped_hidden)
-    existed = out.is_dir()
-    prepare_output(out, force)
+    with staged_output(out, force) as stage:
+        meta = _tokenize_into(
+            stage, files, tok, tokenizer, dtype, max_bytes, jsonl_field, stats, progress, inputs
+        )
+    return meta
+
+
+def _tokenize_into(
+    stage: Path,
+    files: list[Path],
+    tok: Any,
+    tokenizer: str,
+    dtype: np.dtype,
+    max_bytes: int,
+    jsonl_field: str,
+    stats: TextStats,
+    progress: bool,
+    inputs: list[str],
+) -> dict[str, Any]:
+    """Shards and index.json of `files` under `stage`; the index content."""
     bar = _progress_bar(sum(f.stat().st_size for f in files), progress)
     try:
-        with ShardWriter(out, max_bytes=max_bytes) as writer:
+        with ShardWriter(stage, max_bytes=max_bytes) as writer:
             for source, text in iter_documents(
                 files, jsonl_field=jsonl_field, stats=stats, progress=bar
             ):
@@ -270,8 +315,6 @@ def convert_text(
     finally:
         bar.close()
     if stats.documents == 0:  # e.g. jsonl lines with empty text: nothing was written
-        if not existed:
-            out.rmdir()
         raise _no_documents(inputs, stats, len(files) + stats.skipped_hidden)
     shards = writer.shards
     meta = {
@@ -293,7 +336,7 @@ def convert_text(
         },
         "inputs": asdict(stats),
     }
-    write_index(out, meta)
+    write_index(stage, meta)
     return meta
 
 

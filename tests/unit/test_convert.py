@@ -112,8 +112,34 @@ def test_failure_leaves_no_index_and_no_temp_files(tmp_path: Path) -> None:
     (src / "b.jsonl").write_text('{"text": "ok"}\n{"body": "no text field"}\n')
     with pytest.raises(ValueError, match=r"b\.jsonl:2: no field 'text' \(has \['body'\]\)"):
         convert_text([str(src)], tmp_path / "out", shard_size="4KB", progress=False)
-    left = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert "index.json" not in left and not [n for n in left if ".tmp" in n], left
+    # Written beside --out and swapped in only when complete: no folder, no staging left.
+    assert not (tmp_path / "out").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+@pytest.mark.parametrize("cmd", ["text", "images"])
+def test_failed_replacement_keeps_the_earlier_dataset(tmp_path: Path, capsys, cmd: str) -> None:
+    """--force over our own output, then a conversion that fails half-way (text: a jsonl line
+    without the field; images: no images at all): the earlier dataset is still there, intact."""
+    src, _ = _tree(tmp_path)
+    bad = tmp_path / "bad"
+    if cmd == "images":
+        src = tmp_path / "img"
+        _img(src / "cat" / "0.png", (4, 4), "PNG", 0)
+        (bad / "cat").mkdir(parents=True)
+        (bad / "cat" / "notes.txt").write_text("not an image")
+    else:
+        bad.mkdir()
+        (bad / "a.txt").write_bytes(b"fine " * 1000)
+        (bad / "b.jsonl").write_text('{"text": "ok"}\n{"body": "no text field"}\n')
+    out = tmp_path / "out"
+    assert main([cmd, "--input", str(src), "--out", str(out), "--no-progress"]) == 0
+    before = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+    capsys.readouterr()
+    assert main([cmd, "--input", str(bad), "--out", str(out), "--no-progress", "--force"]) == 2
+    assert str(bad) in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in sorted(out.iterdir())} == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.partial")]
 
 
 def test_cli_summary_progress_force_and_errors(tmp_path: Path, capsys) -> None:
