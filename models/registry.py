@@ -1,6 +1,6 @@
 """Model registry: a size name maps to a builder plus what strategies need to shard it.
 
-Kept as data (STYLE.md habit 6) so `model.py` files stay single-device code: the spec says
+Kept as data so `model.py` files stay single-device code: the spec says
 which submodules FSDP2 wraps and which are activation-checkpointed.
 """
 

@@ -1,7 +1,7 @@
 """Job configuration: nested dataclasses, presets as functions, `--set a.b=c` overrides.
 
 Why dataclasses and not YAML: a typo in a key or a wrong type fails at load time with the key
-named, before a cluster is asked for (torchtitan's habit, STYLE.md 5).
+named, before a cluster is asked for (torchtitan's habit).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from typing import Any
 from system.config import JobConfig
 
 # Ray Train's controller polls workers every 2 s by default: each report() then costs ~2 s on
-# a small run (ENV-NOTES.md). 0.2 s keeps the overhead under a few percent. Train V2 also
+# a small run (docs/environment.md). 0.2 s keeps the overhead under a few percent. Train V2 also
 # re-routes print() through a logger that tees it, doubling every console line: turned off.
 _RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 

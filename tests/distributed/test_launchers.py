@@ -1,6 +1,6 @@
 """The recipe under each real launcher: embedded Ray Train, accelerate launch, torchrun.
 
-Each writes the run directory of DESIGN.md; the loss falls; world_size is 2.
+Each writes the run directory of docs/ARCHITECTURE.md; the loss falls; world_size is 2.
 """
 
 from __future__ import annotations
