@@ -59,19 +59,24 @@ def make_needle(
     depth: float = -1.0,
     kind: str = "passkey",
     digits: int = 5,
+    alphabet: int = 10,
 ) -> NeedleSample:
     """A byte-level probe of exactly `length` tokens whose last tokens are the answer.
 
     `depth` in [0, 1] places the needle at that fraction of the filler (negative: uniform).
+    The answer's digits are drawn from '0'..str(alphabet - 1): a small alphabet makes an easier
+    task (chance per digit 1 / alphabet) for a short smoke run.
     """
+    if not 2 <= alphabet <= 10:
+        raise ValueError(f"passkey alphabet={alphabet}; expected 2..10 digits")
     if kind == "passkey":
-        answer = "".join(str(d) for d in rng.integers(0, 10, size=digits))
+        answer = "".join(str(d) for d in rng.integers(0, alphabet, size=digits))
         intro = b"Find the pass key. "
         needle = f"The pass key is {answer}. Remember it. ".encode()
         question = b"What is the pass key? It is "
     elif kind == "niah":
         word = _WORDS[int(rng.integers(len(_WORDS)))]
-        answer = "".join(str(d) for d in rng.integers(0, 10, size=digits))
+        answer = "".join(str(d) for d in rng.integers(0, alphabet, size=digits))
         intro = b"Find the magic number. "
         needle = f"The special magic number for {word} is {answer}. ".encode()
         question = f"What is the special magic number for {word}? It is ".encode()
@@ -95,15 +100,45 @@ def make_needle(
     return NeedleSample(tokens, length - len(answer), answer, d)
 
 
+def answer_loss_mask(seq_len: int, digits: int, filler_weight: float) -> np.ndarray:
+    """Per-target loss weights of a probe of seq_len + 1 tokens: 1 on the answer, else
+    `filler_weight`.
+
+    Why: the filler is predictable text, so an unweighted loss falls on it while the answer
+    (a few tokens out of hundreds) stays at chance; weighting the answer trains retrieval.
+    Target t predicts token t + 1, so the answer's last `digits` tokens are the last targets.
+    """
+    mask = np.full(seq_len, filler_weight, dtype=np.float32)
+    mask[seq_len - digits :] = 1.0
+    return mask
+
+
 def passkey_sample_fn(cfg: DataConfig, *, seq_len: int, seed: int, split: str = "train"):
-    """Sample function for IndexedLoader: tokens of seq_len + 1 and a loss mask."""
+    """Sample function for IndexedLoader: tokens of seq_len + 1 and, when data.filler_loss_weight
+    is not 1, a `loss_mask` weighting the answer over the filler."""
     kind = "niah" if cfg.source == "niah" else "passkey"
     salt = _SPLIT_SALT[split]
+    digits = cfg.passkey_digits
+    mask = (
+        answer_loss_mask(seq_len, digits, cfg.filler_loss_weight)
+        if cfg.filler_loss_weight != 1.0
+        else None
+    )
 
     def sample(i: int) -> dict[str, np.ndarray]:
         rng = np.random.default_rng([seed, salt, i])
-        s = make_needle(rng, seq_len + 1, depth=cfg.depth, kind=kind, digits=cfg.passkey_digits)
-        return {"tokens": s.tokens.astype(np.int64)}
+        s = make_needle(
+            rng,
+            seq_len + 1,
+            depth=cfg.depth,
+            kind=kind,
+            digits=digits,
+            alphabet=cfg.passkey_alphabet,
+        )
+        out = {"tokens": s.tokens.astype(np.int64)}
+        if mask is not None:
+            out["loss_mask"] = mask.copy()
+        return out
 
     return sample
 

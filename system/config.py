@@ -91,6 +91,10 @@ class DataConfig:
     # a negative depth draws it uniformly per sample.
     depth: float = -1.0
     passkey_digits: int = 5
+    passkey_alphabet: int = 10  # answer digits drawn from 0..alphabet-1 (chance 1/alphabet each)
+    # Loss weight of a probe's non-answer targets (the answer's is 1): 1 = plain LM loss, 0 =
+    # the answer only. The filler is predictable, so a plain loss barely trains retrieval.
+    filler_loss_weight: float = 1.0
 
     def __post_init__(self) -> None:
         _check_choice("data", "source", self.source, ("passkey", "niah", "text", "shards"))

@@ -90,9 +90,30 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+PASSKEY_SOURCES = ("passkey", "niah")
+
+
+def passkey_hits(logits: torch.Tensor, tokens: torch.Tensor, digits: int) -> tuple[int, int, int]:
+    """(keys whose every digit is predicted, digits predicted, keys) of a probe batch.
+
+    The answer is the last `digits` tokens; the model reads the probe up to each answer digit
+    (teacher-forced, greedy), as `mnemo eval niah` scores it.
+    """
+    n = tokens.shape[1]
+    pred = logits[:, n - digits - 1 : n - 1].argmax(-1)
+    right = pred == tokens[:, n - digits :]
+    return int(right.all(-1).sum()), int(right.sum()), int(tokens.shape[0])
+
+
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, cfg: JobConfig, env: DistEnv, strategy) -> float:
-    """Mean held-out loss over eval.batches micro-batches per rank, the same batches each time."""
+def evaluate(model: torch.nn.Module, cfg: JobConfig, env: DistEnv, strategy) -> dict[str, float]:
+    """Held-out loss over eval.batches micro-batches per rank, the same batches each time, and
+    on passkey / NIAH sources the held-out retrieval accuracy (key and digit) over them.
+
+    Why the accuracy: the loss falls on the predictable filler long before the model retrieves
+    anything, so a falling loss alone does not show memory. Fused-loss models (loss_chunk > 0,
+    built for lengths whose full logits would not fit) report the loss only.
+    """
     loader = data.build_loader(
         cfg.data,
         seq_len=cfg.train.seq_len,
@@ -102,16 +123,53 @@ def evaluate(model: torch.nn.Module, cfg: JobConfig, env: DistEnv, strategy) -> 
         seed=cfg.train.seed,
         split="eval",
     )
+    fused = fused_loss(model)
+    probe = cfg.data.source in PASSKEY_SOURCES and not fused
     was_training = model.training
     model.eval()
     losses = []
+    keys = digits = count = 0
     it = iter(loader)
     for _ in range(cfg.eval.batches):
         batch = _to(next(it), env.device)
         with strategy.autocast():
-            losses.append(float(forward_loss(strategy.model, batch, fused_loss(model))))
+            if probe:
+                logits = strategy.model(batch["tokens"][:, :-1]).logits
+                losses.append(float(lm_loss(logits, batch)))
+                k, d, c = passkey_hits(logits, batch["tokens"], cfg.data.passkey_digits)
+                keys, digits, count = keys + k, digits + d, count + c
+            else:
+                losses.append(float(forward_loss(strategy.model, batch, fused)))
     model.train(was_training)
-    return all_reduce_mean([sum(losses) / len(losses)], env.world, env.device)[0]
+    out = {"eval_loss": all_reduce_mean([sum(losses) / len(losses)], env.world, env.device)[0]}
+    if probe:
+        keys, digits, count = all_reduce_sum([keys, digits, count], env.world, env.device)
+        n_dig = cfg.data.passkey_digits
+        out["eval_passkey_acc"] = keys / count
+        out["eval_digit_acc"] = digits / (count * n_dig)
+        out["eval_probes"] = int(count)
+    return out
+
+
+def passkey_chance(cfg: JobConfig) -> dict[str, float]:
+    """What guessing scores on this run's probes: 1/alphabet per digit, its power per key."""
+    a, k = cfg.data.passkey_alphabet, cfg.data.passkey_digits
+    return {"digit": 1.0 / a, "key": float(a) ** -k}
+
+
+def eval_line(m: dict[str, Any], total_steps: int, cfg: JobConfig) -> str:
+    """The console line of one in-training eval (held-out probes), chance printed beside it."""
+    line = f"eval {m['step']:>6}/{total_steps} | eval loss {m['eval_loss']:.4f}"
+    if "eval_passkey_acc" in m:
+        ch = passkey_chance(cfg)
+        n = m["eval_probes"]
+        hits = round(m["eval_passkey_acc"] * n)
+        line += (
+            f" | passkey {100 * m['eval_passkey_acc']:.1f}% ({hits}/{n} held-out keys, chance "
+            f"{100 * ch['key']:.2g}%) | digits {100 * m['eval_digit_acc']:.1f}% "
+            f"(chance {100 * ch['digit']:.0f}%)"
+        )
+    return line
 
 
 def train_loop(config: dict[str, Any]) -> dict[str, Any]:
@@ -218,10 +276,12 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
                 "eta_s": (cfg.train.steps - step) * dt / max(steps_done, 1),
             }
             if eval_now:
-                m["eval_loss"] = evaluate(model, cfg, env, strategy)
+                m.update(evaluate(model, cfg, env, strategy))
             writer.write(m)
             if is_main:
                 print(console_line(m, cfg.train.steps), flush=True)
+                if eval_now:
+                    print(eval_line(m, cfg.train.steps, cfg), flush=True)
             last = m
             loss_sum, loss_n = 0.0, 0
             t_last, tok_last, step_last = time.perf_counter(), state.tokens, step
@@ -240,12 +300,19 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         "final_step": state.step,
         "final_loss": last.get("loss"),
         "final_eval_loss": last.get("eval_loss"),
+        "final_passkey_acc": last.get("eval_passkey_acc"),
+        "final_digit_acc": last.get("eval_digit_acc"),
+        "eval_probes": last.get("eval_probes"),
         "tokens": state.tokens,
         "wall_time_s": wall,
         "world_size": env.world,
         "strategy": cfg.scaling.strategy,
         "checkpoint": str(ckpt.latest()) if ckpt.latest() else None,
     }
+    if "eval_passkey_acc" in last:
+        chance = passkey_chance(cfg)
+        summary["passkey_chance"] = chance["key"]
+        summary["digit_chance"] = chance["digit"]
     if is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         if writer.history:

@@ -48,11 +48,45 @@ def test_parse_lengths():
         parse_lengths("1k,x1")
 
 
-@pytest.mark.slow
-def test_cli_on_a_trained_checkpoint(tmp_path, capsys):
-    cfg = tiny_config(tmp_path / "run")
+def test_help_explains_lengths_and_depths(capsys):
+    try:  # argparse exits; the mnemo entry point may turn that into a return code
+        rc = mnemo(["eval", "niah", "--help"])
+    except SystemExit as e:
+        rc = e.code
+    assert rc in (0, None)
+    text = " ".join(capsys.readouterr().out.split())
+    assert "1k = 1024 tokens" in text
+    assert "needle depths as fractions" in text
+
+
+def test_out_naming_an_existing_file_is_an_error(tmp_path, capsys):
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000001"
+    ckpt.mkdir(parents=True)
+    taken = tmp_path / "taken.json"
+    taken.write_text("{}")
+    rc = mnemo(["eval", "niah", "--checkpoint", str(ckpt), "--out", str(taken)])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert f"--out {taken} is an existing file" in err
+    assert taken.read_text() == "{}"  # left as it was
+
+
+@pytest.fixture(scope="module")
+def trained_checkpoint(tmp_path_factory):
+    """A real 6-step transformer-tiny run (torchrun, 1 process) and its last checkpoint."""
+    run = tmp_path_factory.mktemp("niah") / "run"
+    cfg = tiny_config(run)
     check(run_torchrun(cfg, nproc=1))
-    ckpt = sorted((tmp_path / "run" / "checkpoints").glob("step_*"))[-1]
+    return sorted((run / "checkpoints").glob("step_*"))[-1]
+
+
+def _files(d):
+    return sorted(str(p.relative_to(d)) for p in d.rglob("*"))
+
+
+@pytest.mark.slow
+def test_cli_on_a_trained_checkpoint(trained_checkpoint, tmp_path, capsys):
+    ckpt = trained_checkpoint
     out = tmp_path / "eval"
     rc = mnemo(
         [
@@ -74,6 +108,20 @@ def test_cli_on_a_trained_checkpoint(tmp_path, capsys):
     res = json.loads((out / "niah.json").read_text())
     acc = np.array(res["accuracy"])
     assert acc.shape == (3, 2) and ((acc >= 0) & (acc <= 1)).all()
+    assert (res["digits"], res["alphabet"]) == (5, 10)  # the run's data config
     assert (out / "niah.png").read_bytes()[:4] == b"\x89PNG"
     assert "depth \\ length" in capsys.readouterr().out
     assert mnemo(["eval", "niah", "--checkpoint", str(tmp_path / "nope")]) == 2
+
+
+@pytest.mark.slow
+def test_cli_writes_beside_the_checkpoint_by_default(trained_checkpoint, capsys):
+    ckpt = trained_checkpoint
+    before = _files(ckpt)
+    args = ["eval", "niah", "--checkpoint", str(ckpt), "--lengths", "128", "--depths", "0.5"]
+    assert mnemo([*args, "--samples", "1"]) == 0
+    out = ckpt.parent.parent / "eval" / f"niah-{ckpt.name}"
+    assert json.loads((out / "niah.json").read_text())["step"] == int(ckpt.name.split("_")[1])
+    assert (out / "niah.png").exists()
+    assert _files(ckpt) == before, "mnemo eval wrote into the checkpoint directory"
+    assert str(out / "niah.json") in capsys.readouterr().out
