@@ -1,4 +1,4 @@
-"""Deterministic fault injection for tests (DESIGN.md, "Fault injection").
+"""Deterministic fault injection for tests (docs/ARCHITECTURE.md, "Fault injection").
 
 `MNEMO_FAULT_AT_STEP=N` makes rank `MNEMO_FAULT_RANK` (default 0) SIGKILL its own process when
 it reaches step N, once per run directory: a marker file written just before the kill records

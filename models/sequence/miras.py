@@ -1,4 +1,4 @@
-"""Miras models (MODELS.md §2): Moneta, Yaad, Memora — the Titans LMM stack with other memories.
+"""Miras models (docs/models.md): Moneta, Yaad, Memora — the Titans LMM stack with other memories.
 
 Miras replaces attention by a memory module in a Llama-style block, and varies the memory's
 attentional bias and retention (no momentum: "chunked training as in Titans, but without

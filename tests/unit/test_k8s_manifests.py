@@ -509,7 +509,7 @@ def test_render_cli_writes_an_overlay(tmp_path, capsys):
     "argv,message",
     [
         (["render", "nope", "--image", "i"], "no recipe 'nope'"),
-        (["render", "transformer_lm", "--image", "i", "--workers", "12"], "multiple of 8"),
+        (["render", "transformer_lm", "--image", "i", "--workers", "4"], "multiple of 8"),
         (["render", "transformer_lm", "--image", "i", "--workers", "24"], "not a multiple of"),
         (
             ["render", "transformer_lm", "--preset", "full", "--image", "i", "--profile", "cpu"],

@@ -1,6 +1,6 @@
 """Neural-memory op: chunked == token-by-token reference (outputs, final state, every gradient).
 
-fla style (STYLE.md habit 3): fixed seeds, lengths that chunks do not divide, a chunk sweep,
+fla style (docs/ARCHITECTURE.md): fixed seeds, lengths that chunks do not divide, a chunk sweep,
 per-tensor relative-RMS tolerances. Measured errors in fp32 are <= ~3e-6; TOL leaves ~3x room.
 """
 

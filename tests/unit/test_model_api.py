@@ -1,4 +1,4 @@
-"""The sequence-model contract of DESIGN.md, checked on every registered `-tiny` model.
+"""The sequence-model contract (docs/ARCHITECTURE.md), checked on every registered `-tiny` model.
 
 - logits (B, L, vocab);
 - causal: changing tokens after t never changes logits at <= t;

@@ -1,4 +1,4 @@
-"""NeuralMemory layer invariances (STYLE.md habit 4): pieces + carried state == whole,
+"""NeuralMemory layer invariances (fla's model tests): pieces + carried state == whole,
 causality, retrieval consistency, chunked == reference through the whole layer."""
 
 from __future__ import annotations
