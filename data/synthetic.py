@@ -1,7 +1,7 @@
 """Synthetic long-context tasks: passkey retrieval and needle-in-a-haystack (NIAH).
 
 Why synthetic: they work offline at any length, and retrieval accuracy by length and depth is
-the standard probe of long-context memory (Titans reports S-NIAH; MODELS.md 1). Sample `i` is a
+the standard probe of long-context memory (Titans reports S-NIAH; docs/models.md). Sample `i` is a
 pure function of (seed, split, i), so the stream is identical for any number of ranks.
 """
 

@@ -1,4 +1,4 @@
-"""RetNet (Sun et al. 2023, MODELS.md section 3): multi-scale retention + FFN, decoded recurrently.
+"""RetNet (Sun et al. 2023; docs/models.md): multi-scale retention + FFN, decoded recurrently.
 
 Legend: B batch, L tokens, D model width, H heads, K key dim per head, V value dim per head.
 
@@ -230,9 +230,10 @@ def _cfg(**kw) -> RetNetConfig:
     return RetNetConfig(**kw)
 
 
-# Paper sizes (Table 2 per MODELS.md, [unverified]); vocab 32000 is our choice: the paper's LM
-# vocabulary was not available to check. The 1.3B FFN is narrowed (3712 instead of 2 * 2048)
-# so the untied 32K-vocab model lands on its nominal size; 2.7B / 6.7B keep the paper's 2D.
+# Paper sizes (the paper's table, docs/models.md; not checked against a checkpoint); vocab
+# 32000 is our choice: the paper's LM vocabulary was not available to check. The 1.3B FFN is
+# narrowed (3712 instead of 2 * 2048) so the untied 32K-vocab model lands on its nominal size;
+# 2.7B / 6.7B keep the paper's 2D.
 _SIZES = {
     "retnet-tiny": lambda: _cfg(dim=64, n_layers=2, n_heads=4, chunk_size=16),
     "retnet-1.3b": lambda: _cfg(
