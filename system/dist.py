@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -73,6 +74,16 @@ def all_reduce_sum(values: list[float], world: int, device: torch.device) -> lis
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def gather_lists(items: list[Any], world: int) -> list[Any]:
+    """Every rank's `items`, concatenated in rank order (a collective: all ranks must call it).
+    For small JSON-able records only (the pickled objects come from our own ranks)."""
+    if world == 1 or not dist.is_initialized():
+        return list(items)
+    out: list[list[Any]] = [[] for _ in range(world)]
+    dist.all_gather_object(out, items)
+    return [x for part in out for x in part]
 
 
 def barrier(world: int) -> None:

@@ -27,6 +27,7 @@ from system.dist import (
     all_reduce_mean,
     all_reduce_sum,
     barrier,
+    gather_lists,
     init_distributed,
     seed_all,
 )
@@ -233,6 +234,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     t_last, tok_last, step_last = t_start, state.tokens, state.step
     loss_sum, loss_n = 0.0, 0
     last: dict[str, Any] = {}
+    skipped_seen, named_seen = 0, 0  # skips already in metrics.jsonl: count, named examples
     it = iter(loader)
     tokens_per_step = cfg.train.batch_tokens
     while state.step < cfg.train.steps:
@@ -275,6 +277,13 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
                 "step_time_s": dt / max(steps_done, 1),
                 "eta_s": (cfg.train.steps - step) * dt / max(steps_done, 1),
             }
+            if skipped > skipped_seen:  # the same on every rank (summed): all join the gather
+                new = loader.info.skipped_examples[named_seen:]
+                named_seen += len(new)
+                m["skipped_examples"] = gather_lists(
+                    [{"rank": env.rank, **x} for x in new], env.world
+                )
+                skipped_seen = skipped
             if eval_now:
                 m.update(evaluate(model, cfg, env, strategy))
             writer.write(m)

@@ -75,3 +75,26 @@ def check_epoch_once(rows: list, source: ShardSource, docs: list[bytes]) -> None
         got = tokens[bounds[g] : bounds[g + 1]]
         assert np.array_equal(got, want), f"document {g} (key {key}) is not read intact"
     assert keys == {f"{k:010d}" for k in range(len(docs))}, "some documents were never read"
+
+
+def member_of(path: Path, shard: int, row: int) -> tuple[Path, str, int, int, int]:
+    """(shard file, key, member offset, token bytes offset, tokens) of one sidecar row."""
+    table = np.load(path / f"shard-{shard:06d}.idx.npy", allow_pickle=False)
+    r = table[row]
+    return (
+        path / f"shard-{shard:06d}.tar",
+        r["key"].decode(),
+        int(r["member"]),
+        int(r["data"]),
+        int(r["ntok"]),
+    )
+
+
+def flip_payload(shard: Path, data: int, tok: int) -> None:
+    """Flip the low bit of token `tok` of the member whose tokens start at byte `data`: the id
+    stays in the byte vocabulary, so only a checksum can tell."""
+    with open(shard, "r+b") as f:
+        f.seek(data + 2 * tok)
+        b = f.read(1)[0]
+        f.seek(data + 2 * tok)
+        f.write(bytes([b ^ 1]))

@@ -18,7 +18,14 @@ from data.packing import MAX_SEQ_LEN
 from data.shard_format import ShardDataError
 from data.shards import ShardLoader, ShardSource
 from system.config import DataConfig
-from tests._shards_testing import check_epoch_once, make_docs, read_rows, write_dataset
+from tests._shards_testing import (
+    check_epoch_once,
+    flip_payload,
+    make_docs,
+    member_of,
+    read_rows,
+    write_dataset,
+)
 
 L, B = 64, 4
 
@@ -178,18 +185,6 @@ def _copy(ds, tmp_path: Path) -> Path:
     return dst
 
 
-def _member(path: Path, shard: int, row: int) -> tuple[Path, str, int, int, int]:
-    table = np.load(path / f"shard-{shard:06d}.idx.npy", allow_pickle=False)
-    r = table[row]
-    return (
-        path / f"shard-{shard:06d}.tar",
-        r["key"].decode(),
-        int(r["member"]),
-        int(r["data"]),
-        int(r["ntok"]),
-    )
-
-
 def _read_epoch(path: Path, on_error: str, workers: int = 0) -> tuple[list, ShardLoader]:
     ld = _loader(path, on_error=on_error, workers=workers)
     n = -(-ld.source.epoch_tokens // (B * L))
@@ -222,7 +217,7 @@ def _check_raise_and_skip(
 
 def test_corrupt_member_header(ds, tmp_path: Path) -> None:
     path = _copy(ds, tmp_path)
-    shard, key, member, _, _ = _member(path, 1, 0)
+    shard, key, member, _, _ = member_of(path, 1, 0)
     with open(shard, "r+b") as f:
         f.seek(member + 3)
         f.write(b"\xff\xfe")
@@ -244,7 +239,7 @@ def test_truncated_shard(ds, tmp_path: Path) -> None:
 
 def test_wrong_dtype_in_place(ds, tmp_path: Path) -> None:
     path = _copy(ds, tmp_path)
-    shard, key, member, data, _ = _member(path, 0, 0)
+    shard, key, member, data, _ = member_of(path, 0, 0)
     blob = bytearray(shard.read_bytes())
     i = blob.index(b"'descr': '<u2'", member)
     assert i < data
@@ -295,20 +290,10 @@ def test_missing_dataset_names_the_path(tmp_path: Path) -> None:
         ShardSource.open(str(tmp_path), seed=0)
 
 
-def _flip_payload(shard: Path, data: int, tok: int) -> None:
-    """Flip the low bit of token `tok` of the member whose tokens start at byte `data`: the id
-    stays in the byte vocabulary, so only a checksum can tell."""
-    with open(shard, "r+b") as f:
-        f.seek(data + 2 * tok)
-        b = f.read(1)[0]
-        f.seek(data + 2 * tok)
-        f.write(bytes([b ^ 1]))
-
-
 def test_checksum_catches_in_vocab_corruption(ds, tmp_path: Path) -> None:
     path = _copy(ds, tmp_path)
-    shard, key, _, data, ntok = _member(path, 1, 0)
-    _flip_payload(shard, data, ntok // 2)
+    shard, key, _, data, ntok = member_of(path, 1, 0)
+    flip_payload(shard, data, ntok // 2)
     with pytest.raises(ShardDataError, match=r"crc32 .*expected [0-9a-f]{8}, got [0-9a-f]{8}"):
         _read_epoch(path, "raise")
     _check_raise_and_skip(path, ds[0], shard, key, "checksum mismatch", workers=2)
@@ -323,9 +308,9 @@ def test_checksum_catches_corruption_deep_inside_a_long_document(tmp_path: Path)
     clean = write_dataset(tmp_path / "clean", docs, shard_size="1MB")
     table = np.load(path / "shard-000000.idx.npy", allow_pickle=False)
     row = int(np.argmax(table["ntok"]))
-    shard, key, _, data, ntok = _member(path, 0, row)
+    shard, key, _, data, ntok = member_of(path, 0, row)
     assert 2 * ntok > 3 * CHUNK_BYTES
-    _flip_payload(shard, data, ntok - 100)  # in the last chunk, far from the document's start
+    flip_payload(shard, data, ntok - 100)  # in the last chunk, far from the document's start
     _check_raise_and_skip(path, clean, shard, key, "checksum mismatch")
 
 
@@ -370,8 +355,8 @@ def test_datasets_without_checksums_still_read(ds, tmp_path: Path) -> None:
     ld = _loader(path, workers=2)
     assert not ld.source.verify
     check_epoch_once(read_rows(ld, -(-ld.source.epoch_tokens // (B * L))), ld.source, docs)
-    shard, _, _, data, ntok = _member(path, 1, 0)
-    _flip_payload(shard, data, ntok // 2)
+    shard, _, _, data, ntok = member_of(path, 1, 0)
+    flip_payload(shard, data, ntok // 2)
     _read_epoch(path, "raise")  # nothing to verify against: reads as written
 
 
