@@ -107,6 +107,7 @@ def resolve(recipe: str, args: argparse.Namespace) -> C.JobConfig:
     cfg = dataclasses.replace(
         cfg, run_dir=str(Path(run_dir).resolve()), resume=resume, address=args.address
     )
+    cfg = C.absolute_paths(cfg)  # the workers run in another directory
     C.check_job(cfg, C.launch_world(_launcher(args), cfg.scaling.workers))
     return cfg
 

@@ -365,6 +365,25 @@ def _remote(path: str) -> bool:
     return "://" in path or path.startswith("pipe:")
 
 
+def absolute_paths(cfg: JobConfig) -> JobConfig:
+    """Relative local data paths (data.path entries, a tokenizer.json) made absolute.
+
+    Ray Train workers run in another working directory than the driver, so `--set
+    data.path=runs/shards` must be resolved where the user typed it. Only for the addresses
+    whose workers share this machine's files (auto, local); remote URLs stay as they are.
+    """
+    if cfg.address not in ("auto", "local"):
+        return cfg
+    d = cfg.data
+
+    def fix(part: str) -> str:
+        return part if not part or _remote(part) else str(Path(part).absolute())
+
+    path = ",".join(fix(x) for x in d.path.split(",")) if d.path else d.path
+    tokenizer = d.tokenizer if d.tokenizer == "byte" else fix(d.tokenizer)
+    return dataclasses.replace(cfg, data=dataclasses.replace(d, path=path, tokenizer=tokenizer))
+
+
 def _model_config(cfg: JobConfig) -> Any:
     import models
 

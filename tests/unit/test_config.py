@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from system import config as C
-from system.cli import recipe_main
+from system.cli import recipe_main, recipe_parser, resolve
 from tests._runs import ROOT
 
 
@@ -251,3 +251,17 @@ def test_config_json_with_another_world_still_loads():
     assert C.from_dict(cfg.to_dict()).scaling.workers == 3
     with pytest.raises(ValueError, match="128 \\* 8 \\* 3"):
         C.check_job(cfg)
+
+
+def test_relative_data_paths_are_made_absolute(tmp_path, capsys, monkeypatch):
+    """Ray workers run in another directory: a data.path typed relative to the shell's cwd
+    reaches them absolute (the README's `--set data.path=runs/docs-shards` failed in them)."""
+    (tmp_path / "runs" / "shards").mkdir(parents=True)
+    (tmp_path / "runs" / "shards" / "index.json").write_text(json.dumps({"vocab_size": 258}))
+    monkeypatch.chdir(tmp_path)
+    flags = ["--set", "data.source=shards", "--set", "data.path=runs/shards"]
+    assert _print_config(capsys, *flags)[0] == 0
+    args = recipe_parser("transformer_lm").parse_args(flags)
+    assert resolve("transformer_lm", args).data.path == str(tmp_path / "runs" / "shards")
+    remote = recipe_parser("transformer_lm").parse_args([*flags, "--address", "ray://head:10001"])
+    assert resolve("transformer_lm", remote).data.path == "runs/shards"  # the cluster's path
