@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 import re
 import types
@@ -299,6 +300,14 @@ def check_job(cfg: JobConfig, world: int | None = None) -> None:
             f"must be one of {fits or 'none (batch_tokens < seq_len * micro_batch)'}, or change "
             "train.batch_tokens / train.micro_batch"
         )
+    d = cfg.data
+    if cfg.eval.every > 0 and d.source in ("text", "shards") and d.eval_fraction <= 0:
+        held = "windows" if d.source == "text" else "shards"
+        raise ValueError(
+            f"eval.every={cfg.eval.every} evaluates on held-out {held}, but data.source="
+            f"{d.source!r} has data.eval_fraction={d.eval_fraction}; expected "
+            "data.eval_fraction in (0, 1) (e.g. --set data.eval_fraction=0.1) or eval.every=0"
+        )
     if cfg.data.source in ("passkey", "niah"):
         import numpy as np
 
@@ -341,7 +350,7 @@ def check_local(cfg: JobConfig) -> None:
                 )
         vocab = _tokenizer_vocab(d.tokenizer)
     elif d.source == "shards" and not _remote(d.path):
-        vocab = _check_shard_path(d.path)
+        vocab = _check_shard_path(d.path, d.eval_fraction)
     model_vocab = getattr(_model_config(cfg), "vocab_size", None)
     if vocab is not None and isinstance(model_vocab, int) and vocab > model_vocab:
         raise ValueError(
@@ -404,7 +413,7 @@ def _tokenizer_vocab(spec: str) -> int | None:
     return Tokenizer.from_file(spec).get_vocab_size()
 
 
-def _check_shard_path(path: str) -> int | None:
+def _check_shard_path(path: str, eval_fraction: float = 0.0) -> int | None:
     """A shard pattern's files, or the dataset's index.json, exist; returns its vocab_size."""
     if ".tar" in path and not path.endswith(".json"):
         import braceexpand
@@ -425,9 +434,16 @@ def _check_shard_path(path: str) -> int | None:
             "DIR/shard-{000000..000009}.tar"
         )
     try:
-        vocab = json.loads(index.read_text()).get("vocab_size")
-    except (json.JSONDecodeError, AttributeError):
+        meta = json.loads(index.read_text())
+        vocab, shards = meta.get("vocab_size"), len(meta.get("shards") or [])
+    except (json.JSONDecodeError, AttributeError, TypeError):
         return None  # the reader names what is wrong with it
+    if eval_fraction > 0 and shards and math.ceil(eval_fraction * shards) >= shards:
+        raise ValueError(
+            f"data.eval_fraction={eval_fraction} holds out all {shards} shard(s) of {index}, "
+            "leaving none to train on; expected a smaller fraction or a dataset written in more "
+            "shards (mnemo data text --shard-size)"
+        )
     return vocab if isinstance(vocab, int) else None
 
 

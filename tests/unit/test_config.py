@@ -265,3 +265,17 @@ def test_relative_data_paths_are_made_absolute(tmp_path, capsys, monkeypatch):
     assert resolve("transformer_lm", args).data.path == str(tmp_path / "runs" / "shards")
     remote = recipe_parser("transformer_lm").parse_args([*flags, "--address", "ray://head:10001"])
     assert resolve("transformer_lm", remote).data.path == "runs/shards"  # the cluster's path
+
+
+def test_eval_on_held_out_data_is_checked_at_load(tmp_path, capsys):
+    """Eval on text or shards needs held-out data: refused at load, not in the workers."""
+    meta = {"vocab_size": 258, "shards": [{"name": "shard-000000.tar"}]}
+    (tmp_path / "index.json").write_text(json.dumps(meta))
+    flags = ["--set", "data.source=shards", "--set", f"data.path={tmp_path}"]
+    rc, err = _print_config(capsys, *flags, "--set", "eval.every=5")
+    assert rc == 2 and "eval.every=5 evaluates on held-out shards" in err, err
+    rc, err = _print_config(
+        capsys, *flags, "--set", "eval.every=5", "--set", "data.eval_fraction=0.5"
+    )
+    assert rc == 2 and "holds out all 1 shard(s)" in err, err
+    assert _print_config(capsys, *flags, "--set", "eval.every=0")[0] == 0
