@@ -20,7 +20,7 @@ from torch import nn
 
 from models.layers.lm import build_trunk, init_lm_weights
 from models.layers.norms import RMSNorm
-from models.layers.rotary import apply_rope, rope_angles
+from models.layers.rotary import ROPE_SCHEDULES, apply_rope, rope_angles
 from models.ops.retention import retention, retnet_decay
 from models.outputs import SeqOutput
 from models.registry import ModelSpec, register
@@ -30,6 +30,26 @@ _TRAIN_MODES = ("auto", "chunked", "parallel", "triton")
 _XPOS_MAX_LOG = 60.0
 
 
+# Against torchscale 0.3.0 (PyPI; `torchscale/architecture/retnet.py`,
+# `torchscale/component/multiscale_retention.py`), with the same weights:
+# - equal: rotary angles 1 / rope_theta ** linspace(0, 1, K/2) on interleaved pairs
+#   (rope_schedule="torchscale"; "llama" is theta^(-2i/K), what our other models use), decays
+#   1 - 2^(-5-h), k scaled by K^-1/2, D row-normalised by sqrt(row sum), parallel scores divided
+#   by max(|row sum|, 1) (0.3.0's parallel form; its chunkwise form rescales by sums of |scores|
+#   and its recurrent form not at all, per-row scales the head norm removes up to eps), head
+#   norm RMS over each head's V with eps 1e-6 and no affine (head_norm="rms"), pre-norm RMSNorm
+#   blocks with eps 1e-6, swish gate. rope_schedule also sets the xPos rotation (pos_emb="xpos");
+#   torchscale's separate XPOS module (not used by its RetNet) has the llama schedule.
+# - differs, by choice: FFN is a GELU MLP w2(gelu(w1 x)), width 2D (the paper's width);
+#   torchscale's is a GLU fc2(act(fc1 x) * gate(x)) (act gelu in its RetNetConfig, swish in its
+#   fairseq presets; width 1280 there by default, ~1.69D in the presets). Init is N(0, D^-1/2)
+#   for every matrix (embedding and head included), wo / w2 scaled by 1/sqrt(2 n_layers)
+#   (init_lm_weights); torchscale uses xavier_uniform gain 2^-2.5 for q, k, v, g and gain 1 for
+#   out_proj (2^-1 after 0.3.0), torch's default nn.Linear init for the FFN, N(0, D^-1/2) for
+#   the output projection.
+#   head_norm="group" is nn.GroupNorm(H) with affine weight / bias and eps = norm_eps (1e-6);
+#   torchscale's first RetNet code used a per-head LayerNorm without affine, eps 1e-5 (its
+#   RetNetConfig default then; also nn.GroupNorm's default), replaced by the RMS norm above.
 @dataclass(kw_only=True)
 class RetNetConfig:
     vocab_size: int = 258  # byte tokenizer + 2 specials
@@ -40,9 +60,10 @@ class RetNetConfig:
     ffn_hidden: int | None = None  # default 2 * dim (paper)
     mode: str = "auto"  # training form: auto | chunked | parallel | triton
     chunk_size: int = 64  # chunked / Triton (Triton: power of two >= 16)
-    pos_emb: str = "rotary"  # rotary (torchscale's current code) | xpos (paper)
+    pos_emb: str = "rotary"  # rotary (torchscale 0.3.0's RetNet) | xpos (paper)
     xpos_scale_base: float = 512.0
     rope_theta: float = 10000.0
+    rope_schedule: str = "torchscale"  # torchscale (RetNetRelPos) | llama (theta^(-2i/K))
     head_norm: str = "rms"  # rms (torchscale, no affine) | group (paper's GroupNorm, affine)
     normalize_decay: bool = True  # D row-normalised by sqrt(row sum), as torchscale
     normalize_scores: bool = True  # scores divided by max(|row sum|, 1)
@@ -58,6 +79,10 @@ class RetNetConfig:
             raise ValueError(f"mode={self.mode!r} must be one of {_TRAIN_MODES}")
         if self.pos_emb not in ("rotary", "xpos"):
             raise ValueError(f"pos_emb={self.pos_emb!r} must be 'rotary' or 'xpos'")
+        if self.rope_schedule not in ROPE_SCHEDULES:
+            raise ValueError(
+                f"rope_schedule={self.rope_schedule!r} must be one of {ROPE_SCHEDULES}"
+            )
         if self.head_norm not in ("rms", "group"):
             raise ValueError(f"head_norm={self.head_norm!r} must be 'rms' or 'group'")
         if self.chunk_size < 1:
@@ -111,7 +136,7 @@ class MultiScaleRetention(nn.Module):
     def _rotate(self, q, k, pos0: int):
         L = q.shape[2]
         pos = torch.arange(pos0, pos0 + L, device=q.device)
-        cos, sin = rope_angles(pos, self.key_dim, self.cfg.rope_theta)
+        cos, sin = rope_angles(pos, self.key_dim, self.cfg.rope_theta, self.cfg.rope_schedule)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.cfg.pos_emb == "xpos":
             s = xpos_scales(pos, self.key_dim, self.cfg.xpos_scale_base)

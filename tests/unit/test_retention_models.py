@@ -105,6 +105,59 @@ def test_retnet_modes_agree():
     assert_close("retnet recurrent vs parallel", ref, _decode(_build("retnet-tiny"), x), TOL)
 
 
+def _torchscale_msr_parallel(msr: retnet.MultiScaleRetention, x: torch.Tensor) -> torch.Tensor:
+    """torchscale 0.3.0's MultiScaleRetention.parallel_forward (+ RetNetRelPos), written out
+    from its formulas with our layer's weights: angles 1 / 10000 ** linspace(0, 1, K/2) repeated
+    pairwise, theta_shift, k * K^-1/2, D / sqrt(row sum), scores / max(|row sum|, 1), RMS head
+    norm (eps 1e-6, no affine), swish gate, out_proj."""
+    b, L, _ = x.shape
+    H, K, V = msr.n_heads, msr.key_dim, msr.value_dim
+    angle = 1.0 / (10000 ** torch.linspace(0, 1, K // 2))
+    angle = angle.unsqueeze(-1).repeat(1, 2).flatten()
+    index = torch.arange(L).float()
+    sin, cos = (f(index[:, None] * angle[None, :]) for f in (torch.sin, torch.cos))
+    log_decay = torch.log(1 - 2 ** (-5 - torch.arange(H, dtype=torch.float)))
+    rel = index[:, None] - index[None, :]
+    mask = torch.exp(rel.masked_fill(rel < 0, float("inf")) * log_decay[:, None, None])
+    mask = torch.nan_to_num(mask)
+    mask = mask / mask.sum(dim=-1, keepdim=True).sqrt()
+
+    def shift(t):  # theta_shift with rotate_every_two
+        rot = torch.stack((-t[..., 1::2], t[..., ::2]), dim=-1).flatten(-2)
+        return t * cos + rot * sin
+
+    q = msr.wq(x).view(b, L, H, K).transpose(1, 2)
+    k = (msr.wk(x) * K**-0.5).view(b, L, H, K).transpose(1, 2)
+    v = msr.wv(x).view(b, L, H, V).transpose(1, 2)
+    qk = (shift(q) @ shift(k).transpose(-1, -2)) * mask
+    qk = qk / qk.sum(dim=-1, keepdim=True).abs().clamp(min=1)
+    o = (qk @ v).transpose(1, 2)
+    o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + 1e-6)
+    return msr.wo(torch.nn.functional.silu(msr.wg(x)) * o.reshape(b, L, H * V))
+
+
+@pytest.mark.parametrize("dim, heads", [(64, 4), (128, 2)], ids=["K16", "K64"])
+@pytest.mark.parametrize("mode", ["parallel", "chunked"])
+@torch.no_grad()
+def test_retnet_retention_layer_matches_torchscale(dim, heads, mode):
+    """Same weights, same input: our MSR layer equals torchscale's (defaults: rotary schedule,
+    RMS head norm). The Llama schedule gives O(1) differences, so this pins the schedule."""
+    torch.manual_seed(0)
+    model = models.build("retnet-tiny", dim=dim, n_heads=heads, mode=mode, chunk_size=8).eval()
+    msr = model.layers[0].msr
+    x = torch.randn(2, 37, dim, generator=torch.Generator().manual_seed(1))
+    ours, _ = msr(x, 0, None)
+    assert_close(
+        f"retnet MSR K={dim // heads} {mode} vs torchscale",
+        _torchscale_msr_parallel(msr, x),
+        ours,
+        1e-5,
+    )
+    llama = models.build("retnet-tiny", dim=dim, n_heads=heads, rope_schedule="llama").eval()
+    llama.load_state_dict(model.state_dict())
+    assert rel_rms(ours, llama.layers[0].msr(x, 0, None)[0]) > 1e-2
+
+
 # The interpreter must be on before `triton` is first imported (its standard library is jitted
 # at import), and torch._dynamo imports triton as a side effect, e.g. after any meta-device build
 # earlier in the session. A fresh interpreter with TRITON_INTERPRET=1 set avoids that order trap.
@@ -158,6 +211,8 @@ def test_retnet_config_errors_name_the_field():
         models.build("retnet-tiny", mode="recurrent")
     with pytest.raises(ValueError, match="pos_emb"):
         models.build("retnet-tiny", pos_emb="alibi")
+    with pytest.raises(ValueError, match="rope_schedule='yarn'"):
+        models.build("retnet-tiny", rope_schedule="yarn")
 
 
 # ---- Landmark ---------------------------------------------------------------------------------
