@@ -218,12 +218,13 @@ def test_triton_dispatch(triton_memory):
     "rule,dims,match",
     [
         (MemoryRule(attn_bias="huber"), [8, 8], "attn_bias"),
-        (MemoryRule(retention="lq"), [8, 8], "retention"),
+        (MemoryRule(retention="lq"), [8, 8], "retention"),  # Moneta: not covered by Triton
+        (MemoryRule(retention="kl"), [8, 8], "retention"),  # Memora: not covered either
         (MemoryRule(), [8, 16, 16, 8], "depth"),
         (MemoryRule(), [8, 160], "head dims"),
         (MemoryRule(norm=True), [8, 16, 8], "LayerNorm"),
     ],
-    ids=["huber", "lq", "depth3", "wide", "norm"],
+    ids=["huber", "lq", "kl", "depth3", "wide", "norm"],
 )
 def test_triton_rejects_unsupported(triton_memory, rule, dims, match):
     kw, _ = _inputs(4, 2, dims, momentum=False)

@@ -14,15 +14,15 @@ from typing import Any
 from torch import Tensor
 
 from models.ops.memory.chunked import memory_chunked
-from models.ops.memory.reference import (
+from models.ops.memory.common import (
     ATTN_BIASES,
     RETENTIONS,
     MemoryRule,
     MemoryState,
     effective_weights,
-    memory_reference,
     retrieve,
 )
+from models.ops.memory.reference import memory_reference
 
 
 def _memory_triton(*args: Any, **kwargs: Any) -> tuple[Tensor, MemoryState]:

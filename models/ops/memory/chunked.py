@@ -43,7 +43,7 @@ from torch import Tensor
 
 from models.layers.precision import compute_dtype
 from models.layers.segment_scan import checkpointed_scan
-from models.ops.memory.reference import (
+from models.ops.memory.common import (
     DEFAULT_RULE,
     MemoryRule,
     MemoryState,
@@ -366,9 +366,11 @@ def _kl_retrieve(
     s0: Tensor | None,
     coef: dict[str, Tensor],
     scale: float,
+    lam_end: Tensor,
 ) -> Tensor:
     """Depth-1 Memora retrieval: first-order softmax expansion at the chunk start (docstring
-    of reference.py), y_t = c (qP + T_t - qP ⊙ U_t) with T_t = q_t (P ⊙ D_t), U_t = 1ᵀ(P ⊙ D_t).
+    of reference.py), y_t = c (qP + T_t - qP ⊙ U_t) with T_t = q_t (P ⊙ D_t), U_t = 1ᵀ(P ⊙ D_t);
+    the chunk's last row (coef["end"]) reads the exact c q_t softmax(Λ_end) instead.
     """
     p = torch.softmax(lam0, dim=-2)  # (G, Din, Dout)
     qp = qc @ p
@@ -384,7 +386,8 @@ def _kl_retrieve(
     qkp = (qc.unsqueeze(-2) * kc.unsqueeze(-3)) @ p.unsqueeze(-3)
     t_part = t_part - (cmat.unsqueeze(-1) * delta.unsqueeze(-3) * qkp).sum(dim=-2)
     u_part = u_part - cmat @ (delta * (kc @ p))
-    return scale * (qp + t_part - qp * u_part)
+    exact = qc @ torch.softmax(lam_end, dim=-2)
+    return scale * torch.where(coef["end"], exact, qp + t_part - qp * u_part)
 
 
 def _coefficients(
@@ -545,6 +548,7 @@ def _read(
     rule: MemoryRule,
     m: int,
     trs: list[bool],
+    lam_end: Tensor | None = None,
 ) -> Tensor:
     """Retrieval: token t reads with its own post-write weights, layer by layer (dual form):
 
@@ -556,12 +560,15 @@ def _read(
     Needs only the chunk-start states and the write's zs / deltas, so it runs batched over
     many chunks at once (the batch dim is chunks x G): large matmuls instead of a loop.
     sts, zs, deltas: per layer, the group's per-chunk pieces (G, ...), in chunk order.
+    norms (lq): per layer and row the factor n(·) the row divides by, (chunks G, T, 1): the
+    chunk-start one, the end state's on row T-1 (reference.py). lam_end (kl): the chunks' end
+    states Λ (chunks G, Din, Dout), read exactly on row T-1 (co["end"], (T, 1)).
     """
     depth = len(sts)
     mm = _GroupMatmul.apply
     if rule.retention == "kl":
         x0, s0 = _blocks(torch.stack(sts[0]).flatten(0, 1), m, trs[0])
-        return _kl_retrieve(qc, kc, torch.cat(deltas[0]), x0, s0, co, rule.simplex_scale)
+        return _kl_retrieve(qc, kc, torch.cat(deltas[0]), x0, s0, co, rule.simplex_scale, lam_end)
     # h: the layer's input before its activation (gelu between layers, none before layer 1);
     # where a product can fold the gelu in (_GroupMatmul), the activation is not kept.
     h = qc
@@ -669,12 +676,26 @@ def _run_chunks(
         st_all = [[st[i] for st in starts] for i in range(depth)]
         z_all = [[sv[0][i] for sv in saved] for i in range(depth)]
         d_all = [[sv[1][i] for sv in saved] for i in range(depth)]
-        n_all = None
+        # A chunk's last row reads the exact map of the chunk's end state (reference.py).
+        ends = starts[1:] + [sts]
+        # Row T-1 only: a partial final chunk has no last row (its rows keep the start factor).
+        end = (torch.arange(size, device=k_r.device) == size - 1).unsqueeze(-1)  # (T, 1)
+        n_all = lam_end = None
         if saved[0][2] is not None:
-            n_all = [torch.cat([sv[2][i] for sv in saved]) for i in range(depth)]
+            n_end = [sv[2] for sv in saved[1:]]
+            n_end.append([lq_norm_factor(_blocks(st, m, tr)[0], rule) for st, tr in zip(sts, trs)])
+            n_all = [
+                torch.where(
+                    end, torch.cat([ne[i] for ne in n_end]), torch.cat([sv[2][i] for sv in saved])
+                )
+                for i in range(depth)
+            ]
+        if rule.retention == "kl":
+            lam_end = torch.cat([_blocks(e[0], m, trs[0])[0] for e in ends])
         rco = {key: val.flatten(0, 1) for key, val in co.items()}
+        rco["end"] = end
         q_f, k_f = q_r.flatten(0, 1), k_r.flatten(0, 1)
-        y = _read(st_all, q_f, k_f, z_all, d_all, n_all, rco, rule, m, trs)
+        y = _read(st_all, q_f, k_f, z_all, d_all, n_all, rco, rule, m, trs, lam_end)
         ys.append(y.unflatten(0, (q_r.shape[0], groups)))
     return torch.cat(ys, dim=0), sts
 

@@ -25,7 +25,7 @@ from torch import Tensor
 from triton.runtime.errors import OutOfResources
 
 from models.ops.memory.chunked import _ALPHA_MAX, _ETA_MIN
-from models.ops.memory.reference import DEFAULT_RULE, MemoryRule, MemoryState, init_state
+from models.ops.memory.common import DEFAULT_RULE, MemoryRule, MemoryState, init_state
 from models.ops.memory.triton_kernels import (
     _lin_bwd_kernel,
     _lin_fwd_kernel,
