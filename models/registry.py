@@ -22,6 +22,9 @@ class ModelSpec:
     config_fn: Callable[[], Any]
     builder: Callable[[Any], nn.Module]
     kind: str = "sequence"  # sequence | vision | super_resolution | neuro | graph
+    # What the model is trained for: the loss and eval metrics it is used with (lm: next-token
+    # cross-entropy on token sequences, with passkey / needle retrieval as eval).
+    task: str = "lm"
     # Attribute holding the repeated blocks: FSDP2 shards and checkpoints each of them.
     block_attr: str = "layers"
     tags: tuple[str, ...] = field(default_factory=tuple)

@@ -252,7 +252,7 @@ def model_rows(family: str | None = None) -> list[dict[str, Any]]:
             {
                 "name": name,
                 "family": spec.family,
-                "task": spec.kind,
+                "task": spec.task,
                 "params": sum(p.numel() for p in model.parameters()),
                 "paper": getattr(spec, "paper", ""),
             }

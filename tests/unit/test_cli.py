@@ -92,7 +92,8 @@ def test_models_json_every_model_has_a_paper_and_a_count():
     rows = {r["name"]: r for r in json.loads(proc.stdout)}
     assert {"transformer-tiny", "titans-mac-tiny", "retnet-6.7b", "moneta-1.3b"} <= set(rows)
     for r in rows.values():
-        assert r["paper"].count("arXiv:") == 1 and r["params"] > 0 and r["task"], r
+        assert r["paper"].count("arXiv:") == 1 and r["params"] > 0, r
+        assert r["task"] == "lm", r  # every model registered today is a language model
     assert 6.6e9 < rows["retnet-6.7b"]["params"] < 6.8e9  # counted on the meta device
 
 
