@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import json
 import math
 import os
@@ -189,12 +190,48 @@ class CheckpointConfig:
         _check_positive("checkpoint", "keep", self.keep)
 
 
+WANDB_MODES = ("off", "offline", "online")
+# The sinks' libraries are the `tracking` extra: a sink turned on without its library fails at
+# load (before a cluster is asked for), not in every worker at its first logged step.
+TRACKING_INSTALL = (
+    "pip install 'mnemosyne-train[tracking]'  (in a checkout: pip install -e '.[tracking]')"
+)
+
+
+def _check_installed(option: str, module: str) -> None:
+    if importlib.util.find_spec(module) is None:
+        raise ValueError(
+            f"{option} needs the {module!r} package, which is not installed; "
+            f"install it with: {TRACKING_INSTALL}"
+        )
+
+
 @dataclass(kw_only=True)
 class LogConfig:
+    """Rank 0 writes metrics.jsonl every `every` steps; TensorBoard and W&B mirror its numbers.
+
+    tensorboard: event files in RUN_DIR/tensorboard/. wandb: off | offline | online, a run in
+    RUN_DIR/wandb/ of project `wandb_project`, named after the run directory.
+    """
+
     every: int = 10
+    tensorboard: bool = False
+    wandb: str = "off"
+    wandb_project: str = "mnemosyne"
 
     def __post_init__(self) -> None:
         _check_positive("log", "every", self.every)
+        if not isinstance(self.tensorboard, bool):
+            raise ValueError(
+                f"log.tensorboard={self.tensorboard!r} is not allowed; expected true or false"
+            )
+        _check_choice("log", "wandb", self.wandb, WANDB_MODES)
+        if self.wandb != "off" and not self.wandb_project:
+            raise ValueError("log.wandb_project is empty; W&B needs a project name")
+        if self.tensorboard:
+            _check_installed("log.tensorboard=true", "tensorboard")
+        if self.wandb != "off":
+            _check_installed(f"log.wandb={self.wandb}", "wandb")
 
 
 @dataclass(kw_only=True)

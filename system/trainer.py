@@ -210,8 +210,9 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
     restored = ckpt.restore(strategy, loader)
     if restored is not None:
         state = TrainState(**restored)
-    writer = MetricsWriter(run_dir, enabled=is_main)
-    writer.truncate_after(state.step)
+    writer = MetricsWriter(
+        run_dir, enabled=is_main, log=cfg.log, config=cfg.to_dict(), start_step=state.step
+    )
 
     n_params = sum(p.numel() for p in model.parameters())
     fpt = (
@@ -326,6 +327,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         if writer.history:
             plot_loss(writer.history, run_dir / "loss.png", f"{cfg.recipe} ({cfg.model.name})")
+    writer.close()
     barrier(env.world)
     return summary
 
