@@ -7,8 +7,12 @@ momentum"). The memory op implements each choice (models/ops/memory, definitions
   yaad    Huber bias with a data-dependent delta, l2 retention, MLP memory
   memora  l2 bias, KL retention (memory on the simplex), linear memory (the op's kl is
           defined for a matrix memory)
+Gates: channel-wise theta / alpha (per head and key channel) from a low-rank projection of x,
+as Miras' "channel-wise parameters" from low-rank (32 / 64) projections; which rank goes with
+which size is not in the text we have, so ours: 32 up to 340M (and tiny), 64 above
+(`TitansConfig.gate_rank`; what "channel-wise" scales: models/ops/memory/reference.py, "Gates").
 Sizes: 340M (24 layers, d 1024) and 760M (24, 1536) as in the paper, 1.3B (24, 2048) [layers
-unverified]; FFN widths calibrated to the nominal counts on a 32K vocab.
+unverified]; FFN widths calibrated to the nominal counts on a 32K vocab, low-rank gates included.
 """
 
 from __future__ import annotations
@@ -24,29 +28,30 @@ _RULES = {
 # name -> size -> (dim, layers, heads, ffn_hidden)
 _SIZES = {
     "moneta": {
-        "340m": (1024, 24, 16, 1824),
-        "760m": (1536, 24, 16, 3136),
-        "1.3b": (2048, 24, 16, 4160),
+        "340m": (1024, 24, 16, 1792),
+        "760m": (1536, 24, 16, 3104),
+        "1.3b": (2048, 24, 16, 4096),
     },
     "yaad": {
-        "340m": (1024, 24, 16, 1824),
-        "760m": (1536, 24, 16, 3136),
-        "1.3b": (2048, 24, 16, 4160),
+        "340m": (1024, 24, 16, 1792),
+        "760m": (1536, 24, 16, 3104),
+        "1.3b": (2048, 24, 16, 4096),
     },
     # A linear memory has fewer initial-state parameters: a wider FFN makes up the count.
     "memora": {
-        "340m": (1024, 24, 16, 1984),
-        "760m": (1536, 24, 16, 3360),
-        "1.3b": (2048, 24, 16, 4448),
+        "340m": (1024, 24, 16, 1952),
+        "760m": (1536, 24, 16, 3328),
+        "1.3b": (2048, 24, 16, 4416),
     },
 }
+_GATE_RANK = {None: 32, "340m": 32, "760m": 64, "1.3b": 64}
 NOMINAL_PARAMS: dict[str, float] = {}
 
 
-def _config(name: str, size: tuple[int, int, int, int] | None):
+def _config(name: str, size: tuple[int, int, int, int] | None, rank: int):
     def make() -> TitansConfig:
         # Miras' MLP memory is M(x) = x + LN(MLP(x)) (docs/models.md, Miras): the norm is on.
-        base = dict(variant="lmm", momentum=False, mem_norm=True, **_RULES[name])
+        base = dict(variant="lmm", momentum=False, mem_norm=True, gate_rank=rank, **_RULES[name])
         if size is None:
             return TitansConfig(**base)
         dim, layers, heads, ffn = size
@@ -70,7 +75,7 @@ for _name, _table in _SIZES.items():
         ModelSpec(
             name=f"{_name}-tiny",
             family="miras",
-            config_fn=_config(_name, None),
+            config_fn=_config(_name, None, _GATE_RANK[None]),
             builder=Titans,
             paper=MIRAS_PAPER,
         )
@@ -80,7 +85,7 @@ for _name, _table in _SIZES.items():
             ModelSpec(
                 name=f"{_name}-{_size}",
                 family="miras",
-                config_fn=_config(_name, _dims),
+                config_fn=_config(_name, _dims, _GATE_RANK[_size]),
                 builder=Titans,
                 paper=MIRAS_PAPER,
             )

@@ -5,8 +5,10 @@ Legend: B batch, L length, C model width (`dim`), H heads, D head width, K conv 
 
 `NeuralMemory` is the long-term memory block of Titans §4.4: SiLU'd q/k/v projections, each
 followed by a short causal depthwise conv, l2-normalised q and k, data-dependent per-token gates
-(step theta, momentum eta, forget alpha), a per-head MLP memory written token by token with the
-chunked op of `models.ops.memory`, then an output RMSNorm, a SiLU output gate and a projection.
+(step theta, momentum eta, forget alpha; per head, or per head and key channel from a low-rank
+projection with `gate_rank`, the Miras presets), a per-head MLP memory written token by token
+with the chunked op of `models.ops.memory`, then an output RMSNorm, a SiLU output gate and a
+projection.
 
 The models (§4): LMM, MAC, MAG, MAL around `NeuralMemory`.
 
@@ -82,6 +84,14 @@ class NeuralMemory(nn.Module):
     attn_bias / retention pick the Miras variant (Moneta: lp + lq, Yaad: huber, Memora: kl
     with depth 1; momentum=False for those, as in Miras). impl='reference' runs the token loop
     (tests); checkpoint=True trades ~1/3 more compute for activation memory ~sqrt(L).
+    gate_rank=0: Titans' gates, one value per head and token, each from one Linear of x.
+    gate_rank=r > 0 (Miras: "channel-wise" gates from low-rank projections, rank 32 / 64):
+    x -> Linear(dim, r) -> Linear(r, ...) gives theta and alpha per head and key channel,
+    (B, H, L, D), which scale the first memory layer's rows (models/ops/memory/reference.py,
+    "Gates"), and Huber's delta per head; no momentum. Like the scalar gates they read the raw
+    x: the short conv (kernel `conv_kernel`) is on q / k / v only (Titans §4.4 puts it after
+    the q / k / v projections; the Miras text we have says "conv kernel 4" without naming the
+    gates). The Triton kernels take scalar gates only: impl='auto' runs the chunked form.
     """
 
     def __init__(
@@ -100,6 +110,7 @@ class NeuralMemory(nn.Module):
         impl: str = "chunked",
         checkpoint: bool = False,
         norm: bool = False,
+        gate_rank: int = 0,
     ) -> None:
         super().__init__()
         if head_dim is None and dim % heads:
@@ -109,6 +120,10 @@ class NeuralMemory(nn.Module):
             raise ValueError("checkpoint=True needs impl='chunked'")
         if depth < 1 or chunk_size < 1 or conv_kernel < 1:
             raise ValueError("depth, chunk_size and conv_kernel must be >= 1")
+        if gate_rank < 0:
+            raise ValueError(f"gate_rank must be >= 0, got {gate_rank}")
+        if gate_rank and momentum:
+            raise ValueError("gate_rank > 0 (channel-wise gates, Miras) needs momentum=False")
         self.heads, self.head_dim, self.chunk_size = heads, head_dim, chunk_size
         self.max_lr, self.impl, self.kernel = max_lr, impl, conv_kernel
         # Recompute memory chunks in backward: activation memory grows like sqrt(L), not L.
@@ -122,9 +137,16 @@ class NeuralMemory(nn.Module):
         self.conv_weight = nn.Parameter(torch.empty(3 * inner, 1, conv_kernel))
         self.conv_bias = nn.Parameter(torch.zeros(3 * inner))
         nn.init.kaiming_uniform_(self.conv_weight, a=5**0.5)
-        # theta, eta, alpha (and Huber's delta) per head and token.
-        self.num_gates = 4 if attn_bias == "huber" else 3
-        self.gates = nn.Linear(dim, self.num_gates * heads)
+        self.gate_rank = gate_rank
+        if gate_rank == 0:
+            # theta, eta, alpha (and Huber's delta) per head and token.
+            self.num_gates = 4 if attn_bias == "huber" else 3
+            self.gates = nn.Linear(dim, self.num_gates * heads)
+        else:
+            # theta, alpha per head and key channel (inner each), Huber's delta per head.
+            self.num_gates = 0
+            self.gate_down = nn.Linear(dim, gate_rank, bias=False)
+            self.gates = nn.Linear(gate_rank, 2 * inner + (heads if attn_bias == "huber" else 0))
         self.out_norm = RMSNorm(head_dim)
         self.out_gate = nn.Linear(dim, inner, bias=False)
         self.out_proj = nn.Linear(inner, dim, bias=False)
@@ -145,13 +167,24 @@ class NeuralMemory(nn.Module):
                 nn.init.zeros_(w)
             else:
                 nn.init.normal_(w, std=w.shape[-2] ** -0.5)
+        # alpha ~ 0.018; lq's W = A / ||A||_q^(q-2) grows as A decays, so it forgets slower.
+        alpha_bias = -7.0 if self.rule.retention == "lq" else -4.0
         with torch.no_grad():
+            if self.gate_rank:
+                # the product's pre-activation spread matches the one-Linear gates' (std 0.02)
+                dim, rank = self.gate_down.weight.shape[1], self.gate_rank
+                nn.init.normal_(self.gate_down.weight, std=dim**-0.5)
+                nn.init.normal_(self.gates.weight, std=0.02 * (dim / rank) ** 0.5)
+                inner = self.heads * self.head_dim
+                self.gates.bias[:inner].fill_(0.0)  # theta = max_lr / 2
+                self.gates.bias[inner : 2 * inner].fill_(alpha_bias)
+                self.gates.bias[2 * inner :].fill_(1.0)  # delta = softplus(1) ~ 1.3
+                return
             nn.init.normal_(self.gates.weight, std=0.02)
             bias = self.gates.bias.view(self.num_gates, self.heads)
             bias[0].fill_(0.0)  # theta = max_lr / 2
             bias[1].fill_(2.0)  # eta ~ 0.88
-            # alpha ~ 0.018; lq's W = A / ||A||_q^(q-2) grows as A decays, so it forgets slower.
-            bias[2].fill_(-7.0 if self.rule.retention == "lq" else -4.0)
+            bias[2].fill_(alpha_bias)
             if self.num_gates == 4:
                 bias[3].fill_(1.0)  # delta = softplus(1) ~ 1.3
 
@@ -209,19 +242,14 @@ class NeuralMemory(nn.Module):
         return torch.cat(ys, dim=1), state
 
     def _forward(self, x_BLC: Tensor, state: NeuralMemoryState) -> tuple[Tensor, NeuralMemoryState]:
-        b, length, _ = x_BLC.shape
+        length = x_BLC.shape[1]
         full, conv_cache = self._conv_input(self.qkv(x_BLC), state.conv)
         inner = self.heads * self.head_dim
         # conv, SiLU, and l2-normalised q and k in one node that keeps only `full`
         u = conv_silu_norm(full, self.conv_weight[:, 0], self.conv_bias, 2 * inner, self.head_dim)
         q, k, v = (self._split_heads(t) for t in u.chunk(3, dim=-1))
 
-        g = upcast(self.gates(x_BLC)).view(b, length, self.num_gates, self.heads)
-        g = g.permute(2, 0, 3, 1)  # (gate, B, H, L)
-        theta = self.max_lr * torch.sigmoid(g[0])
-        eta = torch.sigmoid(g[1]) if self.use_momentum else None
-        alpha = torch.sigmoid(g[2])
-        delta = F.softplus(g[3]) if self.num_gates == 4 else None
+        theta, alpha, eta, delta = self._gates(x_BLC)
 
         y, mem = neural_memory(
             q,
@@ -239,6 +267,27 @@ class NeuralMemory(nn.Module):
         )
         aligned = length % self.chunk_size == 0
         return self._output(x_BLC, y), NeuralMemoryState(mem, conv_cache, aligned)
+
+    def _gates(self, x_BLC: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """theta, alpha, eta (None without momentum), Huber's delta (None for other biases):
+        (B, H, L) each, or theta / alpha (B, H, L, D) with channel-wise gates (gate_rank > 0)."""
+        b, length, _ = x_BLC.shape
+        if self.gate_rank:
+            g = upcast(self.gates(self.gate_down(x_BLC)))
+            inner = self.heads * self.head_dim
+            th, al = (
+                t.view(b, length, self.heads, self.head_dim).transpose(1, 2)
+                for t in (g[..., :inner], g[..., inner : 2 * inner])
+            )
+            delta = F.softplus(g[..., 2 * inner :]).mT if self.rule.attn_bias == "huber" else None
+            return self.max_lr * torch.sigmoid(th), torch.sigmoid(al), None, delta
+        g = upcast(self.gates(x_BLC)).view(b, length, self.num_gates, self.heads)
+        g = g.permute(2, 0, 3, 1)  # (gate, B, H, L)
+        theta = self.max_lr * torch.sigmoid(g[0])
+        eta = torch.sigmoid(g[1]) if self.use_momentum else None
+        alpha = torch.sigmoid(g[2])
+        delta = F.softplus(g[3]) if self.num_gates == 4 else None
+        return theta, alpha, eta, delta
 
     def retrieve(self, x_or_q: Tensor, state: NeuralMemoryState | None = None) -> Tensor:
         """Read the memory without writing (MAC reads the state before a segment).
@@ -294,6 +343,10 @@ class TitansConfig:
     # turn it on (their paper's memory). The Triton kernels do not cover it, so with
     # mem_norm=True "auto" runs the chunked form.
     mem_norm: bool = False
+    # Memory gates: 0 = Titans' (one theta / eta / alpha per head and token, each from one
+    # Linear); r > 0 = Miras' channel-wise theta / alpha per head and key channel from a rank-r
+    # projection (NeuralMemory; needs momentum=False). The Miras presets set 32 / 64.
+    gate_rank: int = 0
     # Step-size ceiling of the memory. The loss is a sum of squares over D features (not a
     # mean as in titans-pytorch), so 0.02 here is ~1.3 there. Without the norm nothing bounds
     # the MLP's answer: its curvature grows with the weights, and 0.05 made MAC-tiny NaN within
@@ -321,6 +374,11 @@ class TitansConfig:
                 f"max_lr={self.max_lr} with mem_norm=False and mem_depth={self.mem_depth}: the "
                 f"memory diverges (NaN) above this range; allowed (0, {MAX_LR_WITHOUT_NORM}], or "
                 "set mem_norm=True (M(x) = x + LN(MLP(x)), stable at larger max_lr)"
+            )
+        if self.gate_rank < 0 or (self.gate_rank and self.momentum):
+            raise ValueError(
+                f"gate_rank={self.gate_rank}: must be >= 0, and channel-wise gates (> 0) need "
+                f"momentum=False (got momentum={self.momentum})"
             )
         if self.variant not in ("lmm", "mac", "mag", "mal"):
             raise ValueError(f"variant={self.variant!r}; expected lmm, mac, mag or mal")
@@ -452,6 +510,7 @@ class TitansBlock(nn.Module):
             max_lr=cfg.max_lr,
             impl=cfg.mem_impl,
             norm=cfg.mem_norm,
+            gate_rank=cfg.gate_rank,
         )
         if cfg.variant == "mac":
             self.attn = SegmentAttention(cfg)

@@ -376,3 +376,109 @@ def test_fast_paths_do_not_import_the_oracle() -> None:
         imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
         imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         assert not any(m and m.endswith("memory.reference") for m in imported), name
+
+
+def _channelwise(kw: dict, names: list[str], seed: int = 7) -> dict:
+    """kw with theta / alpha made channel-wise (B, H, L, Din): each channel a random share (0-2x
+    for theta, 0-1x for alpha, so alpha stays in (0, 1)) of the per-head gate, float64 leaves."""
+    g = torch.Generator().manual_seed(seed)
+    out = {n: (t.detach().double() if torch.is_tensor(t) else t) for n, t in kw.items()}
+    shape = (*kw["k"].shape[:3], kw["k"].shape[-1])
+    out["theta"] = out["theta"][..., None] * 2.0 * torch.rand(shape, generator=g).double()
+    out["alpha"] = out["alpha"][..., None] * torch.rand(shape, generator=g).double()
+    for n in names:
+        out[n].requires_grad_()
+    st = kw["state"]
+    leaf = lambda t: t.detach().double().requires_grad_()
+    out["state"] = MemoryState(*(None if ts is None else tuple(map(leaf, ts)) for ts in st))
+    return out
+
+
+CW_CASES = [
+    # (length, chunk, d_in, d_out, depth, attn_bias, retention, norm)
+    (63, 16, 16, 24, 1, "l2", "l2", False),  # linear memory, Din != Dout
+    (61, 16, 16, 16, 2, "l2", "l2", False),  # MLP memory (the Titans rule's autograd write)
+    (61, 16, 16, 16, 2, "lp", "lq", True),  # Moneta
+    (40, 8, 16, 24, 1, "lp", "lq", False),
+    (61, 16, 16, 16, 2, "huber", "l2", True),  # Yaad
+    (63, 16, 16, 24, 1, "l2", "kl", False),  # Memora
+    (150, 8, 16, 24, 1, "l2", "kl", False),  # more chunks than READ_GROUP, partial last one
+    (150, 8, 16, 16, 2, "lp", "lq", True),
+]
+
+
+@pytest.mark.parametrize("checkpoint", [False, True], ids=["plain", "ckpt"])
+@pytest.mark.parametrize(
+    "length,chunk,d_in,d_out,depth,bias,retention,norm",
+    CW_CASES,
+    ids=[f"L{c[0]}-b{c[1]}-{c[2]}x{c[3]}-d{c[4]}-{c[5]}-{c[6]}" for c in CW_CASES],
+)
+def test_channelwise_gates_chunked_matches_reference(
+    length: int,
+    chunk: int,
+    d_in: int,
+    d_out: int,
+    depth: int,
+    bias: str,
+    retention: str,
+    norm: bool,
+    checkpoint: bool,
+) -> None:
+    """Channel-wise theta / alpha (B, H, L, Din; Miras): the chunked form's per-channel
+    cumulative decays equal the token loop, outputs, final state and every gradient (the
+    channel-wise gates' included), batch 2, 3 heads, lengths chunks do not divide. float64, so
+    the tolerance (1e-9) catches any inexact factorisation (they agree to ~1e-12)."""
+    rule = MemoryRule(attn_bias=bias, retention=retention, norm=norm)
+    kw, names = _inputs(length, d_in, d_out, depth, False, rule)
+    kw = _channelwise(kw, names)
+    ref = _run(memory_reference, kw, names, chunk, rule)
+    out = _run(partial(memory_chunked, checkpoint=checkpoint), kw, names, chunk, rule)
+    assert ref.keys() == out.keys() and ref["dtheta"].shape == kw["theta"].shape
+    for name in ref:
+        assert_close(name, ref[name], out[name], 1e-9)
+
+
+@pytest.mark.parametrize("retention", ["l2", "kl"])
+def test_channelwise_gates_scale_the_key_channels(retention: str) -> None:
+    """What "channel-wise" means, from the equations (linear memory, chunk 1, l2 bias):
+    W_t = (1 - alpha_t) ⊙_rows W_{t-1} - theta_t ⊙_rows 2 k_t (k_t W_{t-1} - v_t)ᵀ, row r scaled
+    by channel r of the key (kl: the same recurrence on Λ, W = softmax over rows); y_t = q_t W_t.
+    Also: gates equal across channels give the per-head op exactly (depth 1 and 2)."""
+    rule = MemoryRule(retention=retention)
+    kw, names = _inputs(21, 8, 8, 1, False, rule)
+    kw = _channelwise(kw, names)
+    kw = {n: (t.detach() if torch.is_tensor(t) else t) for n, t in kw.items()}
+    kw["state"] = kw["state"].detach()
+    x = kw["state"].weights[0].expand(B, H, 8, 8)
+    ys = []
+    for t in range(21):
+        w = torch.softmax(x, dim=-2) if retention == "kl" else x
+        k_t, v_t, q_t = (kw[n][:, :, t : t + 1] for n in ("k", "v", "q"))
+        grad = k_t.mT @ (2.0 * (k_t @ w - v_t))
+        x = (1.0 - kw["alpha"][:, :, t, :, None]) * x - kw["theta"][:, :, t, :, None] * grad
+        w = torch.softmax(x, dim=-2) if retention == "kl" else x
+        ys.append(q_t @ w)
+    for impl in (memory_reference, memory_chunked):
+        y, st = impl(chunk_size=1, rule=rule, **kw)
+        assert_close("y", torch.cat(ys, dim=2), y, 1e-12)
+        assert_close("X", x, st.weights[0], 1e-12)
+    for depth in (1, 2):
+        kw, _ = _inputs(37, 8, 8, depth, False, MemoryRule())
+        kw = {n: (t.detach() if torch.is_tensor(t) else t) for n, t in kw.items()}
+        kw["state"] = kw["state"].detach()
+        cw = {**kw, "theta": kw["theta"][..., None].expand(-1, -1, -1, 8)}
+        cw["alpha"] = kw["alpha"][..., None].expand(-1, -1, -1, 8)
+        for impl in (memory_reference, memory_chunked):
+            assert_close("y", impl(chunk_size=8, **kw)[0], impl(chunk_size=8, **cw)[0], 1e-6)
+
+
+def test_channelwise_gate_errors() -> None:
+    kw, _ = _inputs(20, 8, 8, 1, True, MemoryRule())
+    kw = {n: (t.detach() if torch.is_tensor(t) else t) for n, t in kw.items()}
+    cw = {**kw, "theta": kw["theta"][..., None].expand(-1, -1, -1, 8)}
+    cw["alpha"] = kw["alpha"][..., None].expand(-1, -1, -1, 8)
+    for impl in (memory_reference, memory_chunked):
+        with pytest.raises(ValueError, match="eta=None"):  # momentum: per-head gates only
+            impl(chunk_size=8, **cw)
+        with pytest.raises(ValueError, match="both"):  # one channel-wise, one per head
+            impl(chunk_size=8, **{**cw, "eta": None, "alpha": kw["alpha"]})

@@ -253,3 +253,18 @@ def test_triton_on_cpu_needs_interpreter(triton_memory, monkeypatch):
     monkeypatch.setattr(triton_memory, "_INTERPRETED", False)
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         dispatch(chunk_size=4, rule=MemoryRule(), impl="triton", **kw)
+
+
+def test_triton_rejects_channelwise_gates(triton_memory):
+    """Channel-wise theta / alpha (B, H, L, Din; Miras) are not what the kernels load (one gate
+    per head and token): refused with a reason, so impl="auto" takes the chunked form; the
+    same arguments with per-head gates stay covered."""
+    kw, _ = _inputs(4, 2, [8, 8], momentum=False)
+    kw = {n: (t.detach() if torch.is_tensor(t) else t) for n, t in kw.items()}
+    kw["theta"] = kw["theta"][..., None].expand(-1, -1, -1, 8)
+    kw["alpha"] = kw["alpha"][..., None].expand(-1, -1, -1, 8)
+    with pytest.raises(ValueError, match="channel-wise"):
+        dispatch(chunk_size=4, rule=MemoryRule(), impl="triton", **kw)
+    q, v, st = kw["q"], kw["v"], kw["state"]
+    assert "channel-wise" in triton_memory.unsupported_reason(q, v, st, MemoryRule(), kw["theta"])
+    assert triton_memory.unsupported_reason(q, v, st, MemoryRule(), kw["theta"][..., 0]) is None

@@ -20,6 +20,10 @@ VARIANTS = {
     "moneta": {"attn_bias": "lp", "retention": "lq", "momentum": False},
     "yaad": {"attn_bias": "huber", "momentum": False},
     "memora": {"retention": "kl", "depth": 1, "momentum": False},
+    # Miras' channel-wise gates from a low-rank projection (the presets' gate_rank)
+    "moneta-cw": {"attn_bias": "lp", "retention": "lq", "momentum": False, "gate_rank": 8},
+    "yaad-cw": {"attn_bias": "huber", "momentum": False, "gate_rank": 8},
+    "memora-cw": {"retention": "kl", "depth": 1, "momentum": False, "gate_rank": 8},
 }
 
 
@@ -108,7 +112,7 @@ def test_backward_reaches_every_parameter() -> None:
         assert p.grad.abs().sum() > 0, name
 
 
-@pytest.mark.parametrize("variant", ["titans", "memora"])
+@pytest.mark.parametrize("variant", ["titans", "memora", "moneta-cw", "yaad-cw", "memora-cw"])
 def test_layer_chunked_matches_reference(variant: str) -> None:
     """The same layer with impl='reference' (token loop): outputs and parameter gradients."""
     x = _x(40)
@@ -144,3 +148,28 @@ def test_config_errors() -> None:
         NeuralMemory(30, 4, CHUNK)
     with pytest.raises(ValueError, match="attn_bias"):
         NeuralMemory(DIM, HEADS, CHUNK, attn_bias="cosine")
+
+
+@pytest.mark.parametrize("variant", ["moneta-cw", "yaad-cw", "memora-cw"])
+def test_low_rank_gates_are_channel_wise(variant: str) -> None:
+    """gate_rank=r: x -> Linear(dim, r) -> Linear(r, 2 H D [+ H]) gives theta, alpha per head
+    and key channel (B, H, L, D) and Huber's delta per head (B, H, L); the channels differ."""
+    mem = _layer(**VARIANTS[variant])
+    head_dim = DIM // HEADS
+    huber = variant.startswith("yaad")
+    assert mem.gate_down.weight.shape == (8, DIM)
+    assert mem.gates.weight.shape == (2 * DIM + (HEADS if huber else 0), 8)
+    theta, alpha, eta, delta = mem._gates(_x(40))
+    assert theta.shape == alpha.shape == (2, HEADS, 40, head_dim) and eta is None
+    assert (delta.shape == (2, HEADS, 40)) if huber else delta is None
+    assert (0 < theta).all() and (theta < mem.max_lr).all() and (0 < alpha).all()
+    assert theta.std(dim=-1).min() > 0 and alpha.std(dim=-1).min() > 0
+    # initial gates as the per-head ones: theta ~ max_lr / 2, alpha small
+    assert abs(theta.mean() / mem.max_lr - 0.5) < 0.05 and alpha.mean() < 0.03
+
+
+def test_gate_rank_errors() -> None:
+    with pytest.raises(ValueError, match="momentum=False"):
+        NeuralMemory(DIM, HEADS, CHUNK, gate_rank=8)
+    with pytest.raises(ValueError, match="gate_rank"):
+        NeuralMemory(DIM, HEADS, CHUNK, gate_rank=-1, momentum=False)

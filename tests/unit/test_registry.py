@@ -49,3 +49,21 @@ def test_family_sizes_within_two_percent(name):
         m = models.build(name)
     n = sum(p.numel() for p in m.parameters())
     assert abs(n - nominal) / nominal < 0.02, f"{name}: {n / 1e6:.1f}M vs {nominal / 1e6:.0f}M"
+
+
+def test_miras_presets_have_low_rank_channel_wise_gates():
+    """Miras' presets: channel-wise gates from a rank-32 / 64 projection (no momentum); the
+    Titans presets keep their paper's one-Linear per-head gates."""
+    from models.sequence.miras import NOMINAL_PARAMS as MIRAS
+    from models.sequence.titans import NOMINAL_PARAMS as TITANS
+
+    for name in [*MIRAS, "moneta-tiny", "yaad-tiny", "memora-tiny"]:
+        with torch.device("meta"):
+            m = models.build(name)
+        mem = m.layers[0].memory
+        assert m.cfg.gate_rank in (32, 64) and not m.cfg.momentum, name
+        assert mem.gate_down.weight.shape == (m.cfg.gate_rank, m.cfg.dim), name
+    for name in [*TITANS, "titans-mac-tiny"]:
+        with torch.device("meta"):
+            m = models.build(name)
+        assert m.cfg.gate_rank == 0 and not hasattr(m.layers[0].memory, "gate_down"), name

@@ -27,7 +27,13 @@ chunk's end state): a Python loop walks them, a few batched matmuls each, with m
 weights stacked as one [X; S] tensor per layer (or [Xᵀ; Sᵀ], whichever scales the narrower
 side) so both move in one op. The reads need only the chunk-start states, so every READ_GROUP
 chunks one batched read serves them all; coefficients and read operands are built per group,
-so no temporary is length-sized. Memory is
+so no temporary is length-sized. Channel-wise gates
+(theta, alpha (B, H, L, Din), reference.py "Gates") scale the first layer's rows: per row r the
+same unrolling holds with β_t[r], A[t, s, r] = β_t[r] / β_s[r] and C[t, i, r] = A[t, i, r] θ_i[r]
+(no momentum), so the write weighs z_i per channel (wc_i ⊙ z_i, still one outer product per
+token), the carry scales X0's rows by β_end, and the read's layer-1 scores become
+S[t, i] = Σ_r q_t[r] C[t, i, r] k_i[r] ((T, T, Din) per chunk, built from segment sums, never
+1 / β); deeper layers use the channel means as scalar gates. Memory is
 O(L (b + width)): autograd keeps each chunk's activations and start state, or, with
 checkpoint=True, ~sqrt(n) states and one group of chunks at a time.
 """
@@ -47,6 +53,7 @@ from models.ops.memory.common import (
     DEFAULT_RULE,
     MemoryRule,
     MemoryState,
+    channelwise_gates,
     effective_weights,
     init_state,
     layer_norm,
@@ -374,6 +381,17 @@ def _kl_retrieve(
     """
     p = torch.softmax(lam0, dim=-2)  # (G, Din, Dout)
     qp = qc @ p
+    exact = qc @ torch.softmax(lam_end, dim=-2)
+    if "C1" in coef:
+        # Channel-wise decay (no momentum): D_t = (β_t - 1) ⊙_rows Λ0 - Σ_i C[t, i] ⊙_rows k_i δ_iᵀ
+        pl = p * lam0
+        bm1 = coef["bc1"][..., 0, :] - 1.0  # (G, T, Din)
+        ck = coef["C1"] * kc.unsqueeze(-3)  # (G, T, T, Din): C[t, i, r] k_i[r]
+        t_part = (qc * bm1) @ pl - (
+            delta.unsqueeze(-3) * ((ck * qc.unsqueeze(-2)) @ p.unsqueeze(-3))
+        ).sum(-2)
+        u_part = bm1 @ pl - (delta.unsqueeze(-3) * (ck @ p.unsqueeze(-3))).sum(-2)
+        return scale * torch.where(coef["end"], exact, qp + t_part - qp * u_part)
     bc = coef["bc"]  # (G, T, m, 1): [β_t, c_t]
     bm1 = bc[..., 0, :] - 1.0
     t_part = bm1 * (qc @ (p * lam0))
@@ -386,7 +404,6 @@ def _kl_retrieve(
     qkp = (qc.unsqueeze(-2) * kc.unsqueeze(-3)) @ p.unsqueeze(-3)
     t_part = t_part - (cmat.unsqueeze(-1) * delta.unsqueeze(-3) * qkp).sum(dim=-2)
     u_part = u_part - cmat @ (delta * (kc @ p))
-    exact = qc @ torch.softmax(lam_end, dim=-2)
     return scale * torch.where(coef["end"], exact, qp + t_part - qp * u_part)
 
 
@@ -426,6 +443,28 @@ def _coefficients(
         "mix": mix.unflatten(-1, (2, 2)),
         "wh": wh.unsqueeze(-1),
     }
+
+
+def _channel_coefficients(th: Tensor, log_keep: Tensor, last: int) -> dict[str, Tensor]:
+    """`_coefficients` for channel-wise gates (no momentum), from (r, G, T, Din) theta and
+    log(1 - alpha): the first layer's per-row "C1" (r, G, T, T, Din) = β_t[r] / β_i[r] θ_i[r],
+    "bc1" (r, G, T, 1, Din) = β_t, "mix1" (r, G, Din, 1) = β_end (scales X0's rows) and "wh1"
+    (r, G, T, 1, Din) = C[end, i] (token i's write weight per row)."""
+    amat = torch.exp(_segsum(log_keep.movedim(-1, -2))).movedim(-3, -1)  # (r, G, T, T, Din)
+    beta = torch.exp(log_keep.cumsum(dim=-2))
+    cmat = amat * th.unsqueeze(-3)
+    return {
+        "C1": cmat,
+        "bc1": beta.unsqueeze(-2),
+        "mix1": _end_rows(beta, last).unsqueeze(-1),
+        "wh1": _end_rows(cmat, last).unsqueeze(-2),
+    }
+
+
+def _layer_coef(co: dict[str, Tensor], key: str, i: int) -> Tensor:
+    """Layer i's write coefficient: the channel-wise one ("mix1", "wh1") for layer 0 when the
+    gates are channel-wise, the per-head one otherwise."""
+    return co[key + "1"] if i == 0 and key + "1" in co else co[key]
 
 
 def _blocks(st: Tensor, m: int, tr: bool) -> tuple[Tensor, Tensor | None]:
@@ -493,7 +532,7 @@ def _write(
     """
     depth = len(sts)
     norm = rule.norm and depth >= 2
-    if rule.attn_bias == "l2" and rule.retention == "l2" and not norm:
+    if rule.attn_bias == "l2" and rule.retention == "l2" and not norm and "mix1" not in co:
         out = _WriteL2.apply(tuple(trs), m, kc, rv, co["mix"], co["wh"], *sts)
         return (
             [kc, *out[: depth - 1]],
@@ -530,7 +569,9 @@ def _write(
 
     new = [
         torch.baddbmm(
-            _mix(co["mix"], st, m), *_update_operands(co["wh"], zs[i], deltas[i], tr), alpha=-1.0
+            _mix(_layer_coef(co, "mix", i), st, m),
+            *_update_operands(_layer_coef(co, "wh", i), zs[i], deltas[i], tr),
+            alpha=-1.0,
         )
         for i, (st, tr) in enumerate(zip(sts, trs))
     ]
@@ -588,8 +629,10 @@ def _read(
                 base = mm(co["q_bc"], False, False, None, *sts[0])
             else:
                 base = mm(_scale_rows(co["bc"], a), False, False, None, *sts[i])
-        # (scores ⊙ C) Δ with the masked scores redone in backward, not kept
-        h = base - mm(scores, False, False, co["C"], *deltas[i])
+        # (scores ⊙ C) Δ with the masked scores redone in backward, not kept; channel-wise
+        # gates fold C1 into layer 1's scores (_group_operands)
+        mask = None if i == 0 and "C1" in co else co["C"]
+        h = base - mm(scores, False, False, mask, *deltas[i])
         if norms:
             h = h / norms[i]
     a = h
@@ -623,17 +666,23 @@ def _group_operands(
     """Coefficients of a group of chunks, plus what its writes and first read layer need
     without the weights: rv = (k if residual) - v, q ⊙ [β, c] and Q Kᵀ."""
     co = _coefficients(gates["th"], gates["lk"], gates.get("le"), last)
+    if "th1" in gates:
+        co.update(_channel_coefficients(gates["th1"], gates["lk1"], last))
     co["rv"] = k_r - v_r if rule.residual and depth >= 2 else -v_r
     if rule.retention != "kl":
         if layer1_rows:
-            co["q_bc"] = _scale_rows(co["bc"], q_r)
-        co["qk"] = q_r @ k_r.mT
+            co["q_bc"] = _scale_rows(co.get("bc1", co["bc"]), q_r)
+        if "C1" in co:  # S[t, i] = Σ_r q_t[r] C[t, i, r] k_i[r]
+            co["qk"] = torch.einsum("...tr,...ir,...tir->...ti", q_r, k_r, co["C1"])
+        else:
+            co["qk"] = q_r @ k_r.mT
     return co
 
 
 class _Chunks(NamedTuple):
     """The op's inputs cut into chunks, (n, G, T, ...): q, k, v, Huber's delta (None for the other
-    biases) and the gates "th" (theta), "lk" (log keep) and "le" (log eta, with momentum)."""
+    biases) and the gates "th" (theta), "lk" (log keep) and "le" (log eta, with momentum), each
+    (n, G, T); with channel-wise gates also "th1", "lk1" (n, G, T, Din) for the first layer."""
 
     q: Tensor
     k: Tensor
@@ -663,12 +712,13 @@ def _run_chunks(
         end_row = last if gi == n_groups - 1 else size - 1
         co = _group_operands(q_r, k_r, v_r, g_split[gi], end_row, rule, depth, not trs[0])
         # unbind, not indexing: one backward node instead of a full-size zero gradient per chunk
-        wco = {key: co.pop(key).unbind(0) for key in _WRITE_KEYS}
+        keys = _WRITE_KEYS + (("mix1", "wh1") if "mix1" in co else ())
+        wco = {key: co.pop(key).unbind(0) for key in keys}
         k_u = k_r.unbind(0)
         d_u = [None] * len(k_u) if d_split[gi] is None else d_split[gi].unbind(0)
         starts, saved = [], []
         for c in range(len(k_u)):
-            per = {"mix": wco["mix"][c], "wh": wco["wh"][c]}
+            per = {key: wco[key][c] for key in keys if key != "rv"}
             zs, deltas, norms, new = _write(sts, k_u[c], wco["rv"][c], d_u[c], per, rule, m, trs)
             starts.append(sts)
             saved.append((zs, deltas, norms))
@@ -714,14 +764,15 @@ def _run_checkpointed(
     with its graph kept (one chunk's activations).
     """
     num, size = xs.k.shape[0], xs.k.shape[2]
-    parts = [xs.q, xs.k, xs.v, *(t.unsqueeze(-1) for t in ([] if xs.dn is None else [xs.dn]))]
-    parts += [g.unsqueeze(-1) for g in xs.gates.values()]
+    extra = ([] if xs.dn is None else [xs.dn]) + list(xs.gates.values())
+    scalar = [t.dim() == 3 for t in extra]  # (n, G, T): packed as one column; channel-wise: Din
+    parts = [xs.q, xs.k, xs.v, *(t.unsqueeze(-1) if s else t for t, s in zip(extra, scalar))]
     widths = [t.shape[-1] for t in parts]
     packed = torch.cat(parts, dim=-1).movedim(0, 1)  # (G, n, T, F): chunks on dim 1
 
     def unpack(x: Tensor) -> _Chunks:
         cols = [c.contiguous() for c in x.movedim(1, 0).split(widths, dim=-1)]
-        rest = [c.squeeze(-1) for c in cols[3:]]
+        rest = [c.squeeze(-1) if s else c for c, s in zip(cols[3:], scalar)]
         dn_x = rest.pop(0) if xs.dn is not None else None
         return _Chunks(cols[0], cols[1], cols[2], dn_x, dict(zip(xs.gates, rest)))
 
@@ -753,13 +804,15 @@ def memory_chunked(
 ) -> tuple[Tensor, MemoryState]:
     """Chunked neural-memory write + retrieve; same contract as `memory_reference`.
 
-    q, k (B, H, L, Din); v (B, H, L, Dout); theta / alpha / eta / huber_delta (B, H, L);
-    eta None = no momentum (Miras). Returns y (B, H, L, Dout) in q's dtype and the final state
+    q, k (B, H, L, Din); v (B, H, L, Dout); eta / huber_delta (B, H, L); theta / alpha
+    (B, H, L), or (B, H, L, Din) channel-wise (reference.py, "Gates"); eta None = no momentum
+    (Miras). Returns y (B, H, L, Dout) in q's dtype and the final state
     in the compute dtype (float64 for float64 q, float32 otherwise; reference.py's docstring).
     checkpoint=True recomputes the chunks in backward from ~sqrt(n) saved boundary states
     (about a third more compute; the memory of the loop grows like sqrt(L), not L).
     """
     rule.check(state.weights)
+    channelwise = channelwise_gates(theta, alpha, eta, k)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if rule.attn_bias == "huber" and huber_delta is None:
@@ -785,11 +838,15 @@ def memory_chunked(
     qs, ks = _to_chunks(flat(q), num, size, 0.0), _to_chunks(flat(k), num, size, 0.0)
     vs = _to_chunks(flat(v), num, size, 0.0)
     # l2 bias: g = 2 r, and every coefficient that multiplies g is linear in theta.
-    th = flat(theta) * 2.0 if rule.attn_bias == "l2" else flat(theta)
-    gates = {
-        "th": _to_chunks(th, num, size, 0.0),
-        "lk": _to_chunks(torch.log1p(-flat(alpha).clamp(max=_ALPHA_MAX)), num, size, 0.0),
-    }
+    th, al = flat(theta), flat(alpha)
+    th = th * 2.0 if rule.attn_bias == "l2" else th
+    gates = {}
+    if channelwise:  # the first layer's rows per channel, deeper layers the channel means
+        gates["th1"] = _to_chunks(th, num, size, 0.0)
+        gates["lk1"] = _to_chunks(torch.log1p(-al.clamp(max=_ALPHA_MAX)), num, size, 0.0)
+        th, al = th.mean(-1), al.mean(-1)
+    gates["th"] = _to_chunks(th, num, size, 0.0)
+    gates["lk"] = _to_chunks(torch.log1p(-al.clamp(max=_ALPHA_MAX)), num, size, 0.0)
     if eta is not None:
         gates["le"] = _to_chunks(torch.log(flat(eta).clamp(min=_ETA_MIN)), num, size, 0.0)
     dn = None

@@ -61,6 +61,29 @@ class MemoryRule:
             raise ValueError("a residual memory needs equal input and output widths")
 
 
+def channelwise_gates(theta: Tensor, alpha: Tensor, eta: Tensor | None, k: Tensor) -> bool:
+    """Whether theta / alpha are channel-wise, (B, H, L, Din), rather than one value per head
+    and token, (B, H, L); checks the shapes (reference.py's docstring, "Gates").
+
+    Both or neither: a per-channel step with a per-head decay (or the reverse) has no use that
+    the shared layout does not cover. Channel-wise gates take no momentum (eta must be None):
+    Miras has none, and with a per-channel decay the momentum's carry would need a per-channel
+    mix of the two state blocks that the chunked form does not build.
+    """
+    lead = tuple(k.shape[:3])
+    shapes = {tuple(theta.shape), tuple(alpha.shape)}
+    if shapes == {lead}:
+        return False
+    if shapes == {(*lead, k.shape[-1])}:
+        if eta is not None:
+            raise ValueError("channel-wise gates (theta, alpha (B, H, L, Din)) need eta=None")
+        return True
+    raise ValueError(
+        f"theta and alpha must both be (B, H, L) = {lead} or both (B, H, L, Din) = "
+        f"{(*lead, k.shape[-1])}; got {tuple(theta.shape)} and {tuple(alpha.shape)}"
+    )
+
+
 DEFAULT_RULE = MemoryRule()  # Titans: l2 bias, l2 retention (frozen, so safe as a default)
 
 

@@ -36,6 +36,27 @@ at the chunk-start weights W_{t'} (t' = t - t mod b, Titans §3.2). Retrieval y_
 uses the memory AFTER token t has been written (causal). `retrieve(state, q)` is a plain
 forward at the state's weights with no update (MAC reads the memory before a segment).
 
+Gates (channel-wise or per head). theta and alpha are either one value per head and token,
+(B, H, L) (Titans: "data-dependent" scalars), or channel-wise, (B, H, L, Din): one value per
+input channel of the key. What Miras (§5, "channel-wise parameters", from low-rank projections
+of rank 32 / 64) says is only that the gates are channel-wise; which axis of the memory they
+scale is not spelled out. Ours: the write's step and decay scale the ROWS of the first layer
+(its input axis, whose index is the key's channel), a diagonal per-channel learning rate and
+forget gate, as GLA's per-key-channel decay of a (Dk, Dv) state:
+
+    X1_t = (1 - alpha_t) ⊙_rows X1_{t-1} - theta_t ⊙_rows ∇_{W1} ℓ_t     (⊙_rows: row r by [r])
+
+A deeper layer's rows are hidden units, which follow no key channel; they take the head's
+channel means, mean_r theta_t[r] and mean_r alpha_t[r] (a scalar per head and token, so every
+layer keeps the gates' average step). Why not a gate per hidden row: the gates would then be
+(1 + (depth-1) expansion) times wider (5 Din per head at depth 2) for units that have no
+meaning across tokens the key's channels do not already give. For a linear memory (Memora) the
+write is fully channel-wise. Huber's delta stays one per head (it thresholds the residual's
+l2 norm). The chunked form stays exact: the chunk's products of (1 - alpha) become per-channel
+cumulative products, A[t, s, r] = β_t[r] / β_s[r], and token i's write to row r is
+C[t, i, r] z_i[r] δ_iᵀ (chunked.py). Channel-wise gates take no momentum (eta None; Miras has
+none).
+
 Dtype: the op computes in float64 for float64 q and in float32 for everything else (float32,
 and bf16 / fp16, upcast inside; `models.layers.precision.compute_dtype`). y comes back in q's
 dtype; the state it returns, and every state it is given, is in the compute dtype (a float32
@@ -111,6 +132,7 @@ from models.ops.memory.common import (
     RETENTIONS,
     MemoryRule,
     MemoryState,
+    channelwise_gates,
     effective_weights,
     init_state,
     layer_norm,
@@ -169,10 +191,12 @@ def memory_reference(
     """Token-by-token recurrence (slow; the oracle) in the compute dtype (module docstring).
     Returns y (B, H, L, Dout) in q's dtype and the state.
 
-    q, k (B, H, L, Din); v (B, H, L, Dout); theta / alpha / eta / huber_delta (B, H, L).
+    q, k (B, H, L, Din); v (B, H, L, Dout); eta / huber_delta (B, H, L); theta / alpha
+    (B, H, L), or (B, H, L, Din) channel-wise (module docstring, "Gates").
     `state.weights` may be (H, ...) (learnable initial weights) or (B, H, ...).
     """
     rule.check(state.weights)
+    channelwise = channelwise_gates(theta, alpha, eta, k)
     bsz, _, length, _ = k.shape
     cd = compute_dtype(q.dtype)
     st = init_state(state.weights, state.momentum, bsz, eta is not None, cd)
@@ -191,9 +215,16 @@ def memory_reference(
         d_t = None if huber_delta is None else huber_delta[:, :, t : t + 1].to(cd)
         grads = _token_grads(w_start, kf[:, :, t : t + 1], vf[:, :, t : t + 1], d_t, rule)
         qt = qf[:, :, t : t + 1]
-        th = theta[:, :, t, None, None].to(cd)
-        keep = 1.0 - alpha[:, :, t, None, None].to(cd)
         for i, gi in enumerate(grads):
+            if not channelwise:
+                th = theta[:, :, t, None, None].to(cd)
+                keep = 1.0 - alpha[:, :, t, None, None].to(cd)
+            elif i == 0:  # row r of the first layer is key channel r
+                th = theta[:, :, t, :, None].to(cd)
+                keep = 1.0 - alpha[:, :, t, :, None].to(cd)
+            else:  # hidden rows: the head's channel means
+                th = theta[:, :, t].to(cd).mean(-1)[..., None, None]
+                keep = 1.0 - alpha[:, :, t].to(cd).mean(-1)[..., None, None]
             if ss is not None:
                 ss[i] = eta[:, :, t, None, None].to(cd) * ss[i] - th * gi
                 xs[i] = keep * xs[i] + ss[i]

@@ -315,8 +315,20 @@ class _MLPFn(torch.autograd.Function):
         return None, dq, dk, dv, dth, dalpha, deta, dw1[:, slot], dw2[:, slot], *ds
 
 
-def unsupported_reason(q: Tensor, v: Tensor, state: MemoryState, rule: MemoryRule) -> str | None:
-    """Why the Triton path cannot run these arguments (None when it can); "auto" falls back."""
+def unsupported_reason(
+    q: Tensor, v: Tensor, state: MemoryState, rule: MemoryRule, theta: Tensor | None = None
+) -> str | None:
+    """Why the Triton path cannot run these arguments (None when it can); "auto" falls back.
+
+    theta: the step gate, to refuse channel-wise gates ((B, H, L, Din), reference.py "Gates"):
+    the kernels load one theta / alpha per (head, token); per-channel decays would need a
+    per-row carry and (T, T, Din) layer-1 scores they do not build. None skips that check.
+    """
+    if theta is not None and theta.dim() == 4:
+        return (
+            "the Triton memory covers one theta / alpha per head and token; got channel-wise "
+            f"gates {tuple(theta.shape)} (use impl='chunked')"
+        )
     if rule.attn_bias != "l2" or rule.retention != "l2":
         return (
             f"the Triton memory covers attn_bias='l2', retention='l2' only; got "
@@ -385,7 +397,7 @@ def memory_triton(
     rule.check(state.weights)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    reason = unsupported_reason(q, v, state, rule)
+    reason = unsupported_reason(q, v, state, rule, theta)
     if reason is not None:
         raise ValueError(reason)
     bsz, heads, length, _ = k.shape
