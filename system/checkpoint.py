@@ -41,6 +41,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -502,13 +503,19 @@ class Checkpointer:
             retire_checkpoints(self.run_dir)
             self._latest = None
             return None
-        p = Path(resume_target(r))  # the CLI checked it already; torchrun's config.json not
-        # A restart after a crash continues this run dir's newer checkpoints, not PATH again.
-        # (To go back in time inside a run dir, copy PATH into a new --run-dir.)
-        if self._latest is not None and step_of(self._latest) > named_step(p):
+        # A restart after a crash continues this run dir's newer checkpoints, not PATH again
+        # (PATH may even have been pruned since, so a step_* name is compared before PATH is
+        # diagnosed). To go back in time inside a run dir, copy PATH into a new --run-dir.
+        named = step_of(Path(r)) if re.fullmatch(r"step_\d+", Path(r).name) else None
+        p = None if named is not None and self._newer(named) else Path(resume_target(r))
+        if p is None or self._newer(named_step(p)):
             print(f"[mnemo] --resume {r}: {self._latest} is newer; resuming from it", flush=True)
             return self._latest
         return p
+
+    def _newer(self, step: int) -> bool:
+        """This run dir holds a committed checkpoint past `step`."""
+        return self._latest is not None and step_of(self._latest) > step
 
     def restore(self, strategy: Strategy, loader: BatchLoader) -> dict[str, Any] | None:
         """Load the checkpoint `--resume` names into strategy and loader; None if there is none."""

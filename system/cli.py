@@ -100,10 +100,13 @@ def resolve(recipe: str, args: argparse.Namespace) -> C.JobConfig:
             f"{cfg.scaling.strategy!r}; expected --strategy deepspeed with --zero"
         )
     run_dir = args.run_dir or f"runs/{recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
-    from system.ckpt_files import resume_target  # lazy: it imports torch
-
     # auto | never | PATH made absolute and checked here: the workers run in another directory.
-    resume = resume_target(args.resume)
+    # On a remote cluster (HOST:PORT, ray://) PATH names the cluster's files: left as typed.
+    resume = args.resume
+    if resume not in ("auto", "never") and args.address in ("auto", "local"):
+        from system.ckpt_files import resume_target  # lazy: it imports torch (--print-config)
+
+        resume = resume_target(resume)
     cfg = dataclasses.replace(
         cfg, run_dir=str(Path(run_dir).resolve()), resume=resume, address=args.address
     )

@@ -106,6 +106,16 @@ class DataConfig:
             raise ValueError(f"data.path is empty; data.source={self.source!r} needs a path")
         if not (-1.0 <= self.depth <= 1.0):
             raise ValueError(f"data.depth={self.depth!r}; expected a fraction in [0, 1] or -1")
+        if self.passkey_digits < 1:
+            raise ValueError(f"data.passkey_digits={self.passkey_digits}; expected >= 1")
+        if not 2 <= self.passkey_alphabet <= 10:
+            raise ValueError(
+                f"data.passkey_alphabet={self.passkey_alphabet}; expected 2..10 (decimal digits)"
+            )
+        if not 0.0 <= self.filler_loss_weight <= 1.0:
+            raise ValueError(
+                f"data.filler_loss_weight={self.filler_loss_weight}; expected a weight in [0, 1]"
+            )
 
 
 @dataclass(kw_only=True)
@@ -351,8 +361,7 @@ def check_job(cfg: JobConfig, world: int | None = None) -> None:
         from data.synthetic import make_needle  # numpy only; builds one probe
 
         kwargs = {"kind": cfg.data.source, "digits": cfg.data.passkey_digits}
-        if hasattr(cfg.data, "passkey_alphabet"):
-            kwargs["alphabet"] = cfg.data.passkey_alphabet
+        kwargs["alphabet"] = cfg.data.passkey_alphabet
         try:
             make_needle(np.random.default_rng(0), t.seq_len + 1, **kwargs)
         except ValueError as e:

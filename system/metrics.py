@@ -91,14 +91,18 @@ class WandbSink:
     """A W&B run in RUN_DIR/wandb/; its id is kept in RUN_DIR/wandb/run_id so a resume of the
     run directory continues the same W&B run (offline: a new offline-run-* folder, same id)."""
 
-    def __init__(self, run_dir: Path, mode: str, project: str, config: dict[str, Any]) -> None:
+    def __init__(
+        self, run_dir: Path, mode: str, project: str, config: dict[str, Any], fresh: bool
+    ) -> None:
         # Lazy: wandb is heavy and optional (the `tracking` extra); imported only when on.
         import wandb
 
         root = run_dir / "wandb"
         root.mkdir(parents=True, exist_ok=True)
         id_file = root / "run_id"
-        run_id = id_file.read_text().strip() if id_file.exists() else None
+        # A run starting at step 0 (new, or --resume never) is a new W&B run: continuing the
+        # old id would drop its steps below the old run's last one (W&B keeps the first value).
+        run_id = id_file.read_text().strip() if id_file.exists() and not fresh else None
         if mode == "offline":
             # The process-wide settings too: with offline set on the run alone, wandb 0.31 still
             # posts its own usage metrics to the W&B server at exit (tests/unit/
@@ -115,7 +119,7 @@ class WandbSink:
             mode=mode,
         )
         if run_id is None:
-            id_file.write_text(self.run.id + "\n")
+            id_file.write_text(self.run.id + "\n")  # a fresh start replaces the old id
 
     def write(self, step: int, values: dict[str, float]) -> None:
         # W&B ignores steps below its current one, so a resume's redone steps keep the values
@@ -165,7 +169,8 @@ class MetricsWriter:
             purge = None if start_step is None else start_step + 1
             self.sinks.append(TensorBoardSink(run_dir / "tensorboard", purge))
         if log.wandb != "off":
-            self.sinks.append(WandbSink(run_dir, log.wandb, log.wandb_project, config))
+            fresh = not start_step
+            self.sinks.append(WandbSink(run_dir, log.wandb, log.wandb_project, config, fresh))
 
     def truncate_after(self, step: int) -> None:
         """Drop lines past `step` (a resume redoes them) so the file stays one line per step."""

@@ -193,6 +193,9 @@ def test_resume_path_starts_there_unless_the_run_dir_is_further(tmp_path):
     src.save()
     # After a crash a restart must continue the run's own newer checkpoint, not PATH again.
     assert Job(tmp_path / "src", resume=str(one)).step == 2
+    # ... also once PATH, one of the run's own, has been pruned (keep) since: no diagnosis of it.
+    shutil.rmtree(one)
+    assert Job(tmp_path / "src", resume=str(one)).step == 2
 
 
 def test_async_save_commits_at_next_save_or_finalize(tmp_path):

@@ -279,3 +279,33 @@ def test_eval_on_held_out_data_is_checked_at_load(tmp_path, capsys):
     )
     assert rc == 2 and "holds out all 1 shard(s)" in err, err
     assert _print_config(capsys, *flags, "--set", "eval.every=0")[0] == 0
+
+
+def test_resume_path_on_a_remote_cluster_is_the_clusters(capsys):
+    """Like data.path, --resume PATH names the cluster's files on a remote address: not checked
+    (nor made absolute) against this machine's disk."""
+    path = "/mnt/cluster/run/checkpoints/step_00000010"
+    flags = ["--address", "ray://head:10001", "--resume", path]
+    assert _print_config(capsys, *flags)[0] == 0
+    assert (
+        resolve("transformer_lm", recipe_parser("transformer_lm").parse_args(flags)).resume == path
+    )
+    rc, err = _print_config(capsys, "--resume", path)
+    assert rc == 2 and "does not exist" in err, err
+
+
+@pytest.mark.parametrize(
+    "field,value,pattern",
+    [
+        ("passkey_digits", "0", r"data.passkey_digits=0; expected >= 1"),
+        ("passkey_alphabet", "12", r"data.passkey_alphabet=12; expected 2..10"),
+        (
+            "filler_loss_weight",
+            "-3",
+            r"data.filler_loss_weight=-3.0; expected a weight in \[0, 1\]",
+        ),
+    ],
+)
+def test_passkey_fields_are_checked(capsys, field, value, pattern):
+    rc, err = _print_config(capsys, "--set", f"data.{field}={value}")
+    assert rc == 2 and re.search(pattern, err), err

@@ -482,3 +482,16 @@ def test_channelwise_gate_errors() -> None:
             impl(chunk_size=8, **cw)
         with pytest.raises(ValueError, match="both"):  # one channel-wise, one per head
             impl(chunk_size=8, **{**cw, "eta": None, "alpha": kw["alpha"]})
+
+
+@pytest.mark.parametrize("retention", ["lq", "kl"])
+def test_retrieve_applies_the_map_in_the_compute_dtype(retention: str) -> None:
+    """bf16 memory weights (FSDP's param_dtype) are cast to q's compute dtype before the lq norm
+    / kl softmax, as the op's init_state does, so MAC's read matches the op's."""
+    torch.manual_seed(0)
+    w = torch.randn(2, 2, 8, 8).to(torch.bfloat16)
+    q = torch.randn(2, 2, 5, 8)
+    rule = MemoryRule(retention=retention)
+    got = retrieve(MemoryState((w,), None), q, rule)
+    want = retrieve(MemoryState((w.float(),), None), q, rule)
+    assert torch.equal(got, want)

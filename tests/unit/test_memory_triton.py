@@ -268,3 +268,8 @@ def test_triton_rejects_channelwise_gates(triton_memory):
     q, v, st = kw["q"], kw["v"], kw["state"]
     assert "channel-wise" in triton_memory.unsupported_reason(q, v, st, MemoryRule(), kw["theta"])
     assert triton_memory.unsupported_reason(q, v, st, MemoryRule(), kw["theta"][..., 0]) is None
+    # Only alpha channel-wise (a mix the kernels would read as a wrong-shaped buffer): refused.
+    mixed = triton_memory.unsupported_reason(
+        q, v, st, MemoryRule(), kw["theta"][..., 0], kw["alpha"]
+    )
+    assert mixed is not None and "alpha" in mixed

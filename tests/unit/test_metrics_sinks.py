@@ -196,6 +196,16 @@ def test_resume_appends_to_tensorboard_and_continues_the_wandb_run(
     # The resumed session logs the redone steps; W&B's server keeps a step's first value.
     assert {s: h["loss"] for s, h in history(runs[1]).items()} == {3: 23, 4: 24}
 
+    # Starting over in the same run dir (--resume never: step 0) is a new W&B run, not the old
+    # one continued (whose steps 1..4 would swallow the new run's).
+    time.sleep(1.1)
+    third = MetricsWriter(run, enabled=True, log=log, config=CONFIG, start_step=0)
+    third.write(records(1, 30.0))
+    third.close()
+    new_id = (run / "wandb" / "run_id").read_text().strip()
+    assert new_id not in ids
+    assert run_record(wandb_runs(run)[-1])["run_id"] == new_id
+
 
 CHILD = """
 import sys

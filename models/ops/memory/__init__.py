@@ -43,7 +43,10 @@ def _memory_auto(*args: Any, **kwargs: Any) -> tuple[Tensor, MemoryState]:
     if importlib.util.find_spec("triton") is not None:
         from models.ops.memory.triton import unsupported_reason
 
-        if unsupported_reason(a["q"], a["v"], a["state"], a["rule"], a["theta"]) is None:
+        if (
+            unsupported_reason(a["q"], a["v"], a["state"], a["rule"], a["theta"], a["alpha"])
+            is None
+        ):
             return _memory_triton(*args, **kwargs)
     return memory_chunked(*args, **kwargs)
 

@@ -31,7 +31,7 @@ class MemoryRule:
     sign_sharpness: float = 10.0  # a in sign(x) ≈ tanh(a x)
     simplex_scale: float = 1.0  # c in W = c softmax(Λ) (Memora)
     eps: float = 1e-6
-    norm: bool = False  # depth >= 2 only: M(x) = [x +] LN(MLP(x)) (Miras; models default True)
+    norm: bool = False  # depth >= 2 only: M(x) = [x +] LN(MLP(x)) (the Miras presets set it)
     norm_eps: float = 1e-5  # the LayerNorm's eps (nn.LayerNorm's default, as in titans-pytorch)
 
     def __post_init__(self) -> None:
@@ -153,7 +153,9 @@ def retrieve(state: MemoryState, q: Tensor, rule: MemoryRule = DEFAULT_RULE) -> 
     """y = M(q) at the state's weights, no update; q (B, H, L, Din) -> (B, H, L, Dout) in the
     compute dtype of q (the weights are cast to it)."""
     cd = compute_dtype(q.dtype)
-    ws = [w.to(cd) for w in effective_weights(state.weights, rule)]
+    # Cast first, as the op's init_state does: the lq norm / kl softmax then run in the compute
+    # dtype (bf16 FSDP weights gave MAC's read and the op different maps).
+    ws = effective_weights([w.to(cd) for w in state.weights], rule)
     return mlp_forward(ws, q.to(cd), rule)
 
 

@@ -316,19 +316,26 @@ class _MLPFn(torch.autograd.Function):
 
 
 def unsupported_reason(
-    q: Tensor, v: Tensor, state: MemoryState, rule: MemoryRule, theta: Tensor | None = None
+    q: Tensor,
+    v: Tensor,
+    state: MemoryState,
+    rule: MemoryRule,
+    theta: Tensor | None = None,
+    alpha: Tensor | None = None,
 ) -> str | None:
     """Why the Triton path cannot run these arguments (None when it can); "auto" falls back.
 
-    theta: the step gate, to refuse channel-wise gates ((B, H, L, Din), reference.py "Gates"):
-    the kernels load one theta / alpha per (head, token); per-channel decays would need a
-    per-row carry and (T, T, Din) layer-1 scores they do not build. None skips that check.
+    theta, alpha: the step and decay gates, to refuse channel-wise ones ((B, H, L, Din),
+    reference.py "Gates"): the kernels load one theta / alpha per (head, token); per-channel
+    decays would need a per-row carry and (T, T, Din) layer-1 scores they do not build. Either
+    one channel-wise is refused (a mix would be read as a wrong-shaped buffer).
     """
-    if theta is not None and theta.dim() == 4:
-        return (
-            "the Triton memory covers one theta / alpha per head and token; got channel-wise "
-            f"gates {tuple(theta.shape)} (use impl='chunked')"
-        )
+    for name, g in (("theta", theta), ("alpha", alpha)):
+        if g is not None and g.dim() == 4:
+            return (
+                "the Triton memory covers one theta / alpha per head and token; got channel-wise "
+                f"{name} {tuple(g.shape)} (use impl='chunked')"
+            )
     if rule.attn_bias != "l2" or rule.retention != "l2":
         return (
             f"the Triton memory covers attn_bias='l2', retention='l2' only; got "
@@ -397,7 +404,7 @@ def memory_triton(
     rule.check(state.weights)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    reason = unsupported_reason(q, v, state, rule, theta)
+    reason = unsupported_reason(q, v, state, rule, theta, alpha)
     if reason is not None:
         raise ValueError(reason)
     bsz, heads, length, _ = k.shape
