@@ -2,7 +2,7 @@
 
   mnemo train RECIPE [flags]   train a recipe (launch/RECIPE.py) with DDP / FSDP2 / DeepSpeed
   mnemo models                 the registered models: family, task, parameters, paper
-  mnemo data ...               convert text to token shards / stores
+  mnemo data ...               convert text and images to shards
   mnemo eval ...               evaluate checkpoints (loss, passkey / needle retrieval)
   mnemo ckpt ...               inspect / export checkpoints
   mnemo k8s ...                render KubeRay manifests
@@ -298,9 +298,9 @@ def _cmd_models(argv: list[str]) -> int:
 
 
 # Subcommands whose parsers live in their own modules: "module:function(argv) -> int".
-# Imported only when used: they pull in torch, zarr, kubernetes schemas (start-up time).
+# Imported only when used: they pull in torch, deepspeed, yaml (start-up time).
 _DELEGATED = {
-    "data": ("data.convert:main", "convert text to token shards / stores"),
+    "data": ("data.convert:main", "convert text and images to shards"),
     "eval": ("system.evaluate:main", "evaluate checkpoints (loss, passkey / needle retrieval)"),
     "ckpt": ("system.ckpt_tools:main", "inspect / export checkpoints"),
     "k8s": ("system.k8s:main", "render KubeRay manifests (RayJob + RayCluster)"),

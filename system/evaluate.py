@@ -24,6 +24,7 @@ import torch
 
 import models
 from data.synthetic import make_needle
+from system.ckpt_files import CheckpointError, diagnose
 
 
 def parse_lengths(text: str) -> list[int]:
@@ -150,9 +151,14 @@ def run_niah(args: argparse.Namespace) -> dict[str, Any]:
     for d in depths:
         if not 0.0 <= d <= 1.0:
             raise ValueError(f"--depths entry {d}: expected a fraction in [0, 1]")
-    checkpoint = Path(args.checkpoint)
-    if not checkpoint.is_dir():
-        raise FileNotFoundError(f"--checkpoint {checkpoint} is not a directory")
+    # A run dir or its checkpoints/ dir means its newest committed step dir (as --resume takes
+    # them): the output and the run's config.json are then found from that step dir.
+    if args.out:
+        resolve_out_dir(Path(args.checkpoint), args.out)  # a taken --out fails before anything
+    diag = diagnose(args.checkpoint)
+    if not diag.resumable or diag.checkpoint is None:
+        raise CheckpointError(f"--checkpoint {args.checkpoint}: {diag.message()}")
+    checkpoint = Path(diag.checkpoint)
     out_dir = resolve_out_dir(checkpoint, args.out)
     task = run_task(checkpoint)
     digits = args.digits if args.digits is not None else task["digits"]

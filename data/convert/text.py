@@ -210,22 +210,20 @@ def staged_output(out: Path, force: bool) -> Iterator[Path]:
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         yield stage
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-    old = check_output(out, force)  # again: the folder may have changed while we converted
-    if old:
-        shards = sum(e.name.endswith(".tar") for e in old)
-        print(
-            f"mnemo data: replacing the earlier output in {out} ({shards} shard(s))",
-            file=sys.stderr,
-        )
-    out.mkdir(exist_ok=True)
-    for e in sorted(old, key=lambda e: e.name != INDEX_NAME):
-        e.unlink()
-    for e in sorted(stage.iterdir(), key=lambda e: e.name == INDEX_NAME):
-        os.replace(e, out / e.name)
-    stage.rmdir()
+        old = check_output(out, force)  # again: the folder may have changed while we converted
+        if old:
+            shards = sum(e.name.endswith(".tar") for e in old)
+            print(
+                f"mnemo data: replacing the earlier output in {out} ({shards} shard(s))",
+                file=sys.stderr,
+            )
+        out.mkdir(exist_ok=True)
+        for e in sorted(old, key=lambda e: e.name != INDEX_NAME):
+            e.unlink()
+        for e in sorted(stage.iterdir(), key=lambda e: e.name == INDEX_NAME):
+            os.replace(e, out / e.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)  # empty after a swap; the partial output else
 
 
 def _may_hold_text(path: Path) -> bool:

@@ -1,4 +1,4 @@
-"""The compute dtype of the fp32-inside layers: one rule, used by every `.float()` upcast.
+"""The compute dtype of the fp32-inside layers (the memory op and layers/): one upcast rule.
 
 bf16 / fp16 inputs compute in float32 (accuracy of the reductions and exponentials); float32
 and float64 compute in their own dtype. float64 stays float64 so that whole models can be

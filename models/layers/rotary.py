@@ -1,7 +1,7 @@
 """Rotary position embedding (RoPE), with a position offset so cached decoding matches.
 
 Two frequency schedules for rotary pair i of a K-wide head (i = 0 .. K/2 - 1):
-- "llama" (RoFormer / Llama, the default everywhere): theta^(-2i / K), last pair theta^(-(K-2)/K).
+- "llama" (RoFormer / Llama; `rope_angles`' default, every model but RetNet): theta^(-2i / K).
 - "torchscale" (RetNet's official code, torchscale 0.3.0 `RetNetRelPos`):
   theta^(-i / (K/2 - 1)), i.e. `1 / theta ** linspace(0, 1, K // 2)`, last pair exactly 1/theta.
 Both rotate the interleaved pairs (x[2i], x[2i+1]), as torchscale's `theta_shift`

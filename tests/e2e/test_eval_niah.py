@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -125,3 +126,8 @@ def test_cli_writes_beside_the_checkpoint_by_default(trained_checkpoint, capsys)
     assert (out / "niah.png").exists()
     assert _files(ckpt) == before, "mnemo eval wrote into the checkpoint directory"
     assert str(out / "niah.json") in capsys.readouterr().out
+    # The run dir names its newest committed checkpoint: the same output place, not runs/eval.
+    shutil.rmtree(out)
+    run_dir = ckpt.parent.parent
+    assert mnemo(["eval", "niah", "--checkpoint", str(run_dir), *args[4:], "--samples", "1"]) == 0
+    assert (out / "niah.json").exists() and not (run_dir.parent / "eval").exists()

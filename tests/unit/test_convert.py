@@ -14,7 +14,7 @@ import pytest
 import webdataset as wds
 
 from data.convert import main
-from data.convert.text import convert_text, parse_size
+from data.convert.text import convert_text, parse_size, staged_output
 
 BINARY = b"\x7fELF\x02\x01\x01\x00\x00\x00" + bytes(range(256)) * 4
 
@@ -332,3 +332,15 @@ def test_shard_size_help_names_decimal_and_binary_units(capsys, cmd: str) -> Non
     assert main([cmd, "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "MB = 10^6 bytes" in text and "MiB = 2^20 bytes" in text, text
+
+
+def test_staging_folder_is_removed_when_the_swap_is_refused(tmp_path: Path) -> None:
+    """--out gained a foreign file while we converted: the swap is refused (naming it) and the
+    staged dataset does not linger beside --out."""
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="notes.txt"):
+        with staged_output(out, force=False) as stage:
+            (stage / "index.json").write_text("{}")
+            out.mkdir()
+            (out / "notes.txt").write_text("someone else's")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -34,8 +34,10 @@ same unrolling holds with β_t[r], A[t, s, r] = β_t[r] / β_s[r] and C[t, i, r]
 token), the carry scales X0's rows by β_end, and the read's layer-1 scores become
 S[t, i] = Σ_r q_t[r] C[t, i, r] k_i[r] ((T, T, Din) per chunk, built from segment sums, never
 1 / β); deeper layers use the channel means as scalar gates. Memory is
-O(L (b + width)): autograd keeps each chunk's activations and start state, or, with
-checkpoint=True, ~sqrt(n) states and one group of chunks at a time.
+O(L (b + width)) with per-head gates, O(L b Din) with channel-wise ones (the (T, T, Din)
+coefficients are kept for backward: 5.5x the saved tensors at depth 2, measured): autograd
+keeps each chunk's activations and start state, or, with checkpoint=True, ~sqrt(n) states and
+one group of chunks at a time.
 """
 
 from __future__ import annotations
@@ -648,8 +650,9 @@ _WRITE_KEYS = ("mix", "wh", "rv")
 
 # Chunks per batched read: enough to make the read's matmuls large, few enough that their
 # operands (the chunks' states, zs, deltas) stay in cache. The coefficients and the read's operands
-# are built per group too: every temporary is group-sized (~1 MB here), not length-sized, so
-# none is a fresh mmap that glibc page-faults in again (and unmaps) at every step.
+# are built per group too: every temporary is group-sized (~1 MB here with per-head gates; the
+# channel-wise gates' (T, T, Din) coefficients are Din times that), not length-sized, so none
+# is a fresh mmap that glibc page-faults in again (and unmaps) at every step.
 READ_GROUP = 16
 
 
