@@ -677,6 +677,7 @@ class ShardLoader:
         self.rank, self.world, self.num_workers = rank, world, num_workers
         self.token = 0
         self._info = LoaderInfo()
+        self._said_rest = False  # 'the rest are only counted' logged once
 
     @property
     def info(self) -> LoaderInfo:
@@ -725,7 +726,7 @@ class ShardLoader:
         if len(ex) < _NAMED_SKIPS:
             ex.append({"shard": url, "key": key, "reason": why})
             log.warning("skipped sample %r of shard %s: %s (data.on_error=skip)", key, url, why)
-        elif not getattr(self, "_said_rest", False):
+        elif not self._said_rest:
             self._said_rest = True
             log.warning(
                 "more than %d samples skipped; the rest are only counted (skipped_samples)",

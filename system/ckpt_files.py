@@ -68,11 +68,7 @@ def named_step(d: Path) -> int:
 
 def all_checkpoints(run_dir: Path) -> list[Path]:
     """Checkpoint directories of a run (committed or not), oldest first."""
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    dirs = [d for d in root.glob("step_*") if d.is_dir() and re.fullmatch(r"step_\d+", d.name)]
-    return sorted(dirs, key=step_of)
+    return _step_dirs(Path(run_dir) / "checkpoints")
 
 
 def is_done(d: Path) -> bool:
@@ -284,6 +280,7 @@ def _looks_like_step_dir(p: Path) -> bool:
 
 
 def _step_dirs(root: Path) -> list[Path]:
+    """The step_<digits> dirs under `root`, oldest first ([] when root does not exist)."""
     dirs = [d for d in root.glob("step_*") if d.is_dir() and re.fullmatch(r"step_\d+", d.name)]
     return sorted(dirs, key=step_of)
 

@@ -281,9 +281,9 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any]:
             if skipped > skipped_seen:  # the same on every rank (summed): all join the gather
                 new = loader.info.skipped_examples[named_seen:]
                 named_seen += len(new)
-                m["skipped_examples"] = gather_lists(
-                    [{"rank": env.rank, **x} for x in new], env.world
-                )
+                named = gather_lists([{"rank": env.rank, **x} for x in new], env.world)
+                if named:  # past the loaders' first 10 names the count alone grows
+                    m["skipped_examples"] = named
                 skipped_seen = skipped
             if eval_now:
                 m.update(evaluate(model, cfg, env, strategy))
