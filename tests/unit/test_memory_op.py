@@ -251,7 +251,8 @@ def test_titans_write_backward_gradcheck(depth: int, m: int) -> None:
     through all outputs (hidden zs, deltas, new states). Layers wider than they are tall are
     stored transposed (`_transposed`), so depth >= 2 covers both layouts. The gradients autograd
     hands in must come back unmodified (the Function adds into its own buffers only)."""
-    from models.ops.memory.chunked import _transposed, _WriteL2
+    from models.ops.memory.chunked_autograd import _WriteL2
+    from models.ops.memory.chunked_state import _transposed
 
     gen = torch.Generator().manual_seed(depth * 10 + m)
     g, t, d, hidden = 2, 5, 3, 4

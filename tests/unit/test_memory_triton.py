@@ -24,7 +24,15 @@ from tests._testing import assert_close
 TOL = 1e-5  # relative RMS, fp32 both sides
 BF16_TOL = 2e-2  # bf16 q/k/v rounding, fp32 kernels
 B = 2
-MODULES = ("models.ops.memory.triton", "models.ops.memory.triton_kernels")
+MODULES = (
+    "models.ops.memory.triton",
+    "models.ops.memory.triton_kernels",
+    "models.ops.memory.triton_kernels.primitives",
+    "models.ops.memory.triton_kernels.linear",
+    "models.ops.memory.triton_kernels.mlp_tiles",
+    "models.ops.memory.triton_kernels.mlp_walk",
+    "models.ops.memory.triton_kernels.mlp_split",
+)
 
 
 @pytest.fixture(scope="module")

@@ -38,6 +38,11 @@ O(L (b + width)) with per-head gates, O(L b Din) with channel-wise ones (the (T,
 coefficients are kept for backward: 5.5x the saved tensors at depth 2, measured): autograd
 keeps each chunk's activations and start state, or, with checkpoint=True, ~sqrt(n) states and
 one group of chunks at a time.
+
+This file holds the algorithm (write, read, the chunk loop and its checkpointing); its pieces:
+chunked_coefficients.py (the coefficients above), chunked_state.py (the [X; S] state layout and
+the chunking of inputs), chunked_autograd.py (the custom autograd nodes: the fused gelu, the
+group matmul of the read and the Titans write with its hand-written backward).
 """
 
 from __future__ import annotations
@@ -51,8 +56,24 @@ from torch import Tensor
 
 from models.layers.precision import compute_dtype
 from models.layers.segment_scan import checkpointed_scan
+from models.ops.memory.chunked_autograd import _GeluPair, _GroupMatmul, _WriteL2
+from models.ops.memory.chunked_coefficients import (
+    _channel_coefficients,
+    _coefficients,
+    _layer_coef,
+)
+from models.ops.memory.chunked_state import (
+    _blocks,
+    _mix,
+    _scale_rows,
+    _to_chunks,
+    _transposed,
+    _update_operands,
+)
 from models.ops.memory.common import (
+    ALPHA_MAX,
     DEFAULT_RULE,
+    ETA_MIN,
     MemoryRule,
     MemoryState,
     channelwise_gates,
@@ -62,309 +83,6 @@ from models.ops.memory.common import (
     lq_norm_factor,
     output_grad,
 )
-
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
-# alpha == 1 or eta == 0 would give log(0) = -inf whose gradient is NaN; these bounds change the
-# gates by less than fp32 resolution (alpha) or leave a 1e-30 momentum carry (eta).
-_ALPHA_MAX = 1.0 - 2.0**-24
-_ETA_MIN = 1e-30
-
-
-class _GeluPair(torch.autograd.Function):
-    """(gelu(x), gelu'(x)) from one pass: Φ and φ computed once, not in three ops.
-
-    gelu' = Φ + x φ multiplies the backpropagated error of the inner MLP backward, and the
-    outer training step differentiates it again: d gelu' / dx = φ (2 - x²) (exact). Backward
-    recomputes φ from x (one exp) rather than saving it; gelu' is saved anyway by the product
-    that consumes it. Written with in-place ops: per-op overhead dominates at chunk widths.
-    """
-
-    @staticmethod
-    def _pdf(x: Tensor) -> Tensor:
-        return x.square().mul_(-0.5).exp_().mul_(_INV_SQRT_2PI)
-
-    @staticmethod
-    def _cdf(x: Tensor) -> Tensor:
-        return torch.erf(x * _INV_SQRT_2).add_(1.0).mul_(0.5)
-
-    @staticmethod
-    def forward(x: Tensor) -> tuple[Tensor, Tensor]:
-        cdf = _GeluPair._cdf(x)
-        gelu = x * cdf
-        return gelu, cdf.addcmul_(x, _GeluPair._pdf(x))
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
-        ctx.save_for_backward(inputs[0], output[1])
-
-    @staticmethod
-    def backward(ctx, g_gelu: Tensor | None, g_slope: Tensor | None) -> Tensor:  # noqa: ANN001
-        x, slope = ctx.saved_tensors
-        out = torch.zeros_like(x) if g_gelu is None else g_gelu * slope
-        if g_slope is not None:
-            curv = _GeluPair._pdf(x).mul_(x.square().neg_().add_(2.0))  # φ (2 - x²)
-            out.addcmul_(curv, g_slope)
-        return out
-
-
-class _GroupMatmul(torch.autograd.Function):
-    """Row block c of a (r G, M, K) times bs[c] (G, K, N) (times bs[c]ᵀ with tr), c < r.
-
-    The batched read multiplies a group's chunks by their own states, zs and deltas. Stacking
-    those pieces into one tensor for a single bmm copies them (~8 MB per group and layer here,
-    again in backward), and a plain bmm would save the copy: the pieces twice in memory, since
-    the writes' backward keeps them too. One bmm per chunk into slices of one output copies
-    nothing and is no slower at these sizes (measured: 3.9 vs 4.7 ms for a group of 16).
-
-    What it keeps is the left operand as given, so two cheap maps in front of it are folded in
-    and redone in backward rather than kept: `gelu` (the left operand is gelu(a), a the hidden
-    pre-activation, which the read keeps anyway) and `mask` (the left operand is a ⊙ mask, the
-    decay-weighted scores (a Zᵀ) ⊙ C with C kept for every layer). Several right operands per
-    chunk (bs = r chunks x k sets) give k outputs from one left operand.
-    """
-
-    @staticmethod
-    def _left(a: Tensor, gelu: bool, mask: Tensor | None) -> Tensor:
-        if gelu:
-            if mask is not None:
-                raise ValueError("_GroupMatmul folds in a gelu or a mask, not both")
-            return a * _GeluPair._cdf(a)
-        return a if mask is None else a * mask
-
-    @staticmethod
-    def forward(a: Tensor, tr: bool, gelu: bool, mask: Tensor | None, *bs: Tensor):  # noqa: ANN205
-        g = bs[0].shape[0]
-        r = a.shape[0] // g
-        left = _GroupMatmul._left(a, gelu, mask)
-        outs = []
-        for j in range(0, len(bs), r):
-            out = a.new_empty(a.shape[0], a.shape[1], bs[j].shape[-2 if tr else -1])
-            for c, b in enumerate(bs[j : j + r]):
-                rows = slice(c * g, (c + 1) * g)
-                torch.bmm(left[rows], b.mT if tr else b, out=out[rows])
-            outs.append(out)
-        return tuple(outs) if len(outs) > 1 else outs[0]
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
-        a, ctx.tr, ctx.gelu, mask, *bs = inputs
-        ctx.has_mask = mask is not None
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(a, *([mask] if ctx.has_mask else []), *bs)
-
-    @staticmethod
-    def backward(ctx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:  # noqa: ANN001
-        a, *bs = ctx.saved_tensors
-        mask = bs.pop(0) if ctx.has_mask else None
-        g, tr = bs[0].shape[0], ctx.tr
-        r = a.shape[0] // g
-        rows = [slice(c * g, (c + 1) * g) for c in range(r)]
-        sets = [bs[j : j + r] for j in range(0, len(bs), r)]
-        cdf = _GeluPair._cdf(a) if ctx.gelu else None  # Φ(a): gelu = a Φ, gelu' = Φ + a φ
-        left = a * cdf if ctx.gelu else _GroupMatmul._left(a, False, mask)  # bitwise the forward's
-        g_left = None
-        if ctx.needs_input_grad[0] or (mask is not None and ctx.needs_input_grad[3]):
-            for grad, b_set in zip(grads, sets):
-                if grad is None:
-                    continue
-                if g_left is None:
-                    g_left = torch.empty_like(a)
-                    for row, b in zip(rows, b_set):
-                        torch.bmm(grad[row], b if tr else b.mT, out=g_left[row])
-                else:
-                    for row, b in zip(rows, b_set):  # out=, not baddbmm_: FLOP counters see it
-                        acc = g_left[row]
-                        torch.baddbmm(acc, grad[row], b if tr else b.mT, out=acc)
-        gbs: list[Tensor | None] = []
-        for grad in grads:
-            if grad is None or not any(ctx.needs_input_grad[4:]):
-                gbs += [None] * r
-            elif tr:
-                gbs += [torch.bmm(grad[row].mT, left[row]) for row in rows]
-            else:
-                gbs += [torch.bmm(left[row].mT, grad[row]) for row in rows]
-        g_a = g_mask = None
-        if g_left is not None:
-            if cdf is not None:
-                g_a = g_left.mul_(cdf.addcmul_(a, _GeluPair._pdf(a)))
-            elif mask is None:
-                g_a = g_left
-            else:
-                g_mask = g_left * a if ctx.needs_input_grad[3] else None
-                g_a = g_left.mul_(mask) if ctx.needs_input_grad[0] else None
-        return (g_a, None, None, g_mask, *gbs)
-
-
-def _gelu_derivs(p: Tensor) -> tuple[Tensor, Tensor]:
-    """gelu'(p) = Φ(p) + p φ(p) and gelu''(p) = φ(p) (2 - p²), recomputed in backward (two
-    elementwise passes) instead of saved."""
-    sq = p.square()
-    pdf = sq.mul(-0.5).exp_().mul_(_INV_SQRT_2PI)
-    slope = _GeluPair._cdf(p).addcmul_(p, pdf)
-    return slope, sq.neg_().add_(2.0).mul_(pdf)
-
-
-def _add(acc: Tensor | None, x: Tensor | None, frozen: set[int]) -> Tensor | None:
-    """acc + x where either may be None (a zero gradient). Adds into acc's memory unless acc is
-    in `frozen` (the ids of the gradients autograd handed in: those are not ours to modify)."""
-    if x is None:
-        return acc
-    if acc is None:
-        return x
-    if id(acc) not in frozen:
-        return acc.add_(x)
-    if id(x) not in frozen and x.shape == acc.shape:
-        return x.add_(acc)
-    return acc + x
-
-
-class _WriteL2(torch.autograd.Function):
-    """One chunk's write for the l2 bias and l2 retention (Titans), forward and backward by hand.
-
-    The same function as the autograd path of `_write` (which the other Miras choices take), but
-    its backward keeps only what it cannot cheaply redo: the chunk-start states, the keys, the
-    gates and the outputs the read keeps anyway (zs, deltas). Each hidden layer's pre-activation
-    p and back-propagated error e (before the slope) are one bmm each from those, so backward
-    recomputes them (2 x (G, T, hidden) floats a chunk). Autograd would also keep gelu'(p) and the
-    gate-scaled copies of zs / deltas the state update multiplies (~0.5 MB per chunk here, a
-    fifth of the op's memory) and walk ~40 nodes per chunk; this is one node.
-
-    Inputs: trs, m as in `_write`; k (G, T, d_0); rv (G, T, d_L); mix (G, m, m); wh (G, T, m, 1);
-    the states. Outputs: the hidden zs (zs[1:]), the deltas, the new states.
-    """
-
-    @staticmethod
-    def forward(
-        ctx,  # noqa: ANN001
-        trs: tuple[bool, ...],
-        m: int,
-        k: Tensor,
-        rv: Tensor,
-        mix: Tensor,
-        wh: Tensor,
-        *sts: Tensor,
-    ) -> tuple[Tensor, ...]:
-        depth = len(sts)
-        ws = [_blocks(st, m, tr)[0] for st, tr in zip(sts, trs)]
-        zs, ps, slopes, h = [k], [], [], k
-        for i in range(depth - 1):
-            p = torch.bmm(h, ws[i])
-            h, slope = _GeluPair.forward(p)
-            ps.append(p)
-            slopes.append(slope)
-            zs.append(h)
-        deltas: list[Tensor] = [torch.baddbmm(rv, h, ws[-1])] * depth
-        es: list[Tensor] = [None] * (depth - 1)  # type: ignore[list-item]
-        for i in range(depth - 1, 0, -1):
-            es[i - 1] = torch.bmm(deltas[i], ws[i].mT)
-            deltas[i - 1] = es[i - 1] * slopes[i - 1]
-        new = [
-            torch.baddbmm(_mix(mix, st, m), *_update_operands(wh, zs[i], deltas[i], tr), alpha=-1.0)
-            for i, (st, tr) in enumerate(zip(sts, trs))
-        ]
-        ctx.trs, ctx.m, ctx.depth = trs, m, depth
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(k, mix, wh, *sts, *zs[1:], *deltas)
-        return (*zs[1:], *deltas, *new)
-
-    @staticmethod
-    def backward(ctx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:  # noqa: ANN001
-        trs, m, depth = ctx.trs, ctx.m, ctx.depth
-        frozen = {id(g) for g in grads if g is not None}
-        k, mix, wh, *rest = ctx.saved_tensors
-        sts = rest[:depth]
-        zs = [k, *rest[depth : 2 * depth - 1]]
-        deltas = rest[2 * depth - 1 :]
-        g_z: list[Tensor | None] = [None, *grads[: depth - 1]]
-        g_d: list[Tensor | None] = list(grads[depth - 1 : 2 * depth - 1])
-        g_new = grads[2 * depth - 1 :]
-        ws = [_blocks(st, m, tr)[0] for st, tr in zip(sts, trs)]
-        # recomputed, not saved: one bmm each per hidden layer (~4% of the step's matmuls)
-        # against 2 x (G, T, hidden) floats a chunk (~11% of the op's memory here)
-        ps = [torch.bmm(zs[i], ws[i]) for i in range(depth - 1)]
-        es = [torch.bmm(deltas[i], ws[i].mT) for i in range(1, depth)]
-        g_w: list[Tensor | None] = [None] * depth
-        g_sts: list[Tensor | None] = [None] * depth
-        g_mix = g_wh = None
-        # new = mix ∘ st - Uᵀ V, U = wh ⊙ A (A = z, V = δ; transposed layers: A = δ, V = z)
-        for i, (st, tr, g) in enumerate(zip(sts, trs, g_new)):
-            if g is None:
-                continue
-            a_op, v_op = (deltas[i], zs[i]) if tr else (zs[i], deltas[i])
-            g_u = torch.bmm(v_op, g.mT).neg_().unflatten(-1, (m, -1))  # (G, T, m, d_a)
-            g_v = torch.bmm(_scale_rows(wh, a_op), g).neg_()
-            g_a = (g_u * wh).sum(-2)
-            g_wh = _add(g_wh, (g_u * a_op.unsqueeze(-2)).sum(-1, keepdim=True), frozen)
-            if tr:
-                g_d[i], g_z[i] = _add(g_d[i], g_a, frozen), _add(g_z[i], g_v, frozen)
-            else:
-                g_z[i], g_d[i] = _add(g_z[i], g_a, frozen), _add(g_d[i], g_v, frozen)
-            # carry: new = mix @ [X; S] per (G, m, d_in d_out) view
-            g_sts[i] = _mix(mix.mT, g, m)
-            g_rows, st_rows = (t.unflatten(-2, (m, -1)).flatten(-2) for t in (g, st))
-            g_mix = _add(g_mix, torch.bmm(g_rows, st_rows.mT), frozen)
-        # deltas[i-1] = e_i ⊙ gelu'(p_{i-1}), e_i = deltas[i] W_iᵀ (forward ran i = L-1 .. 1)
-        g_s: list[Tensor | None] = [None] * (depth - 1)
-        derivs = [_gelu_derivs(p) for p in ps]  # (slope, curvature) per hidden layer
-        for i in range(1, depth):
-            gd = g_d[i - 1]
-            if gd is None:
-                continue
-            g_e = gd * derivs[i - 1][0]
-            g_s[i - 1] = gd * es[i - 1]
-            g_d[i] = _add(g_d[i], torch.bmm(g_e, ws[i]), frozen)
-            g_w[i] = _add(g_w[i], torch.bmm(g_e.mT, deltas[i]), frozen)
-        # deltas[L-1] = r = rv + z_{L-1} W_{L-1}
-        g_r = g_d[depth - 1]
-        if g_r is not None:
-            g_z[depth - 1] = _add(g_z[depth - 1], torch.bmm(g_r, ws[-1].mT), frozen)
-            g_w[-1] = _add(g_w[-1], torch.bmm(zs[-1].mT, g_r), frozen)
-        # z_{i+1} = gelu(p_i), p_i = z_i W_i
-        for i in range(depth - 2, -1, -1):
-            slope, curv = derivs[i]
-            g_p = None if g_z[i + 1] is None else g_z[i + 1] * slope
-            if g_s[i] is not None:
-                g_p = _add(g_p, curv.mul_(g_s[i]), frozen)
-            if g_p is None:
-                continue
-            g_z[i] = _add(g_z[i], torch.bmm(g_p, ws[i].mT), frozen)
-            g_w[i] = _add(g_w[i], torch.bmm(zs[i].mT, g_p), frozen)
-        for i, (st, tr) in enumerate(zip(sts, trs)):
-            if g_w[i] is None:
-                continue
-            if g_sts[i] is None:
-                g_sts[i] = torch.zeros_like(st)
-            _blocks(g_sts[i], m, tr)[0].add_(g_w[i])
-        return (None, None, g_z[0], g_r, g_mix, g_wh, *g_sts)
-
-
-def _segsum(x: Tensor) -> Tensor:
-    """out[..., t, s] = Σ_{s<j<=t} x[..., j] for s <= t and -inf above the diagonal.
-
-    Summing the masked segment directly (not a difference of cumsums) keeps log-decays exact.
-    """
-    t = x.shape[-1]
-    ones = torch.ones(t, t, dtype=torch.bool, device=x.device)
-    xr = x.unsqueeze(-1).expand(*x.shape, t).masked_fill(~torch.tril(ones, -1), 0.0)
-    return xr.cumsum(dim=-2).masked_fill(~torch.tril(ones), float("-inf"))
-
-
-def _to_chunks(x: Tensor, num: int, size: int, pad_value: float) -> Tensor:
-    """(G, L, ...) -> (n, G, T, ...) contiguous, padding the last chunk with pad_value."""
-    pad = num * size - x.shape[1]
-    if pad:
-        widths = [0, 0] * (x.dim() - 2) + [0, pad]
-        x = F.pad(x, widths, value=pad_value)
-    x = x.reshape(x.shape[0], num, size, *x.shape[2:])
-    return x.movedim(1, 0).contiguous()
-
-
-def _end_rows(x: Tensor, last: int) -> Tensor:
-    """Row t = T-1 of every chunk (n, G, T, ...), except row `last` of a partial final one."""
-    if last == x.shape[2] - 1:
-        return x[:, :, -1]
-    return torch.cat([x[:-1, :, -1], x[-1:, :, last]], dim=0)
 
 
 def _kl_retrieve(
@@ -407,110 +125,6 @@ def _kl_retrieve(
     t_part = t_part - (cmat.unsqueeze(-1) * delta.unsqueeze(-3) * qkp).sum(dim=-2)
     u_part = u_part - cmat @ (delta * (kc @ p))
     return scale * torch.where(coef["end"], exact, qp + t_part - qp * u_part)
-
-
-def _coefficients(
-    th: Tensor, log_keep: Tensor, log_eta: Tensor | None, last: int
-) -> dict[str, Tensor]:
-    """Decay / momentum coefficients of a run of chunks at once, (r, G, T, ...) with G = B H,
-    from the chunked (r, G, T) theta, log(1 - alpha) and log(eta) (None: no momentum); `last`
-    is the final chunk's last real row (T-1 unless the sequence ends inside it).
-
-    With m = 2 state blocks [X; S] (momentum) or m = 1 [X]: `mix` (r, G, m, m) maps the
-    chunk-start blocks to the end-of-chunk ones before the writes ([[β, c], [0, ε]] at the last
-    token), `wh` (r, G, T, m, 1) weighs token i's outer product in each block (C[last, i],
-    E[last, i] θ_i), `bc` (r, G, T, m, 1) weighs the blocks when token t reads ([β_t, c_t]).
-    """
-    amat = torch.exp(_segsum(log_keep))  # A[t, s] = β_t / β_s
-    beta = torch.exp(log_keep.cumsum(dim=-1))
-    beta_end = _end_rows(beta, last)
-    if log_eta is None:
-        cmat = amat * th.unsqueeze(-2)
-        return {
-            "C": cmat,
-            "bc": beta[..., None, None],
-            "mix": beta_end[..., None, None],
-            "wh": _end_rows(cmat, last)[..., None, None],
-        }
-    emat = torch.exp(_segsum(log_eta))  # E[s, i] = ε_s / ε_i
-    ev = torch.exp(log_eta.cumsum(dim=-1))
-    cmat = (amat @ emat) * th.unsqueeze(-2)
-    cs = (amat @ ev.unsqueeze(-1)).squeeze(-1)
-    zero = torch.zeros_like(beta_end)
-    mix = torch.stack([beta_end, _end_rows(cs, last), zero, _end_rows(ev, last)], dim=-1)
-    wh = torch.stack([_end_rows(cmat, last), _end_rows(emat, last) * th], dim=-1)
-    return {
-        "C": cmat,
-        "bc": torch.stack([beta, cs], dim=-1).unsqueeze(-1),
-        "mix": mix.unflatten(-1, (2, 2)),
-        "wh": wh.unsqueeze(-1),
-    }
-
-
-def _channel_coefficients(th: Tensor, log_keep: Tensor, last: int) -> dict[str, Tensor]:
-    """`_coefficients` for channel-wise gates (no momentum), from (r, G, T, Din) theta and
-    log(1 - alpha): the first layer's per-row "C1" (r, G, T, T, Din) = β_t[r] / β_i[r] θ_i[r],
-    "bc1" (r, G, T, 1, Din) = β_t, "mix1" (r, G, Din, 1) = β_end (scales X0's rows) and "wh1"
-    (r, G, T, 1, Din) = C[end, i] (token i's write weight per row)."""
-    amat = torch.exp(_segsum(log_keep.movedim(-1, -2))).movedim(-3, -1)  # (r, G, T, T, Din)
-    beta = torch.exp(log_keep.cumsum(dim=-2))
-    cmat = amat * th.unsqueeze(-3)
-    return {
-        "C1": cmat,
-        "bc1": beta.unsqueeze(-2),
-        "mix1": _end_rows(beta, last).unsqueeze(-1),
-        "wh1": _end_rows(cmat, last).unsqueeze(-2),
-    }
-
-
-def _layer_coef(co: dict[str, Tensor], key: str, i: int) -> Tensor:
-    """Layer i's write coefficient: the channel-wise one ("mix1", "wh1") for layer 0 when the
-    gates are channel-wise, the per-head one otherwise."""
-    return co[key + "1"] if i == 0 and key + "1" in co else co[key]
-
-
-def _blocks(st: Tensor, m: int, tr: bool) -> tuple[Tensor, Tensor | None]:
-    """A layer's state -> its X block and S block (None without momentum), each
-    (…, d_in, d_out): the state is [X; S] (…, m d_in, d_out), or [Xᵀ; Sᵀ] when `tr`."""
-    rows = st.shape[-2] // m
-    x, s = st[..., :rows, :], (st[..., rows:, :] if m == 2 else None)
-    if tr:
-        return x.mT, (None if s is None else s.mT)
-    return x, s
-
-
-def _transposed(weights: tuple[Tensor, ...] | list[Tensor], m: int, rule: MemoryRule) -> list[bool]:
-    """Per layer, whether its state is stored transposed, [Xᵀ; Sᵀ].
-
-    Stacking [X; S] makes every op that weighs the two blocks per token (the write's z_i, the
-    read's a_t) scale a d_in-wide operand once per block; stored as [Xᵀ; Sᵀ] the d_out-wide one
-    is scaled instead (δ_i in the write, the (T, m d_out) product in the read). So the narrower
-    side is scaled: 4x less elementwise work in the second layer of an expansion-4 MLP.
-    """
-    if m == 1 or rule.retention == "kl":
-        return [False] * len(weights)
-    return [w.shape[-2] > w.shape[-1] for w in weights]
-
-
-def _scale_rows(w: Tensor, z: Tensor) -> Tensor:
-    """(…, T, m, 1) weights ⊙ z (…, T, d) -> (…, T, m d): z scaled once per state block."""
-    if w.shape[-2] == 1:
-        return w[..., 0, :] * z
-    return (w * z.unsqueeze(-2)).flatten(-2)
-
-
-def _mix(mix: Tensor, st: Tensor, m: int) -> Tensor:
-    """The chunk-start state carried to the chunk's end: mix @ [X; S] (m = 1: β_end X)."""
-    if m == 1:
-        return mix * st
-    return torch.bmm(mix, st.unflatten(-2, (m, -1)).flatten(-2)).view_as(st)
-
-
-def _update_operands(wh: Tensor, z: Tensor, delta: Tensor, tr: bool) -> tuple[Tensor, Tensor]:
-    """(Uᵀ, V) with the chunk's state update Uᵀ V = Σ_i [wh_i ⊙ z_i] δ_iᵀ (transposed: δ z)."""
-    if tr:
-        return _scale_rows(wh, delta).mT, z
-    return _scale_rows(wh, z).mT, delta
 
 
 def _write(
@@ -846,12 +460,12 @@ def memory_chunked(
     gates = {}
     if channelwise:  # the first layer's rows per channel, deeper layers the channel means
         gates["th1"] = _to_chunks(th, num, size, 0.0)
-        gates["lk1"] = _to_chunks(torch.log1p(-al.clamp(max=_ALPHA_MAX)), num, size, 0.0)
+        gates["lk1"] = _to_chunks(torch.log1p(-al.clamp(max=ALPHA_MAX)), num, size, 0.0)
         th, al = th.mean(-1), al.mean(-1)
     gates["th"] = _to_chunks(th, num, size, 0.0)
-    gates["lk"] = _to_chunks(torch.log1p(-al.clamp(max=_ALPHA_MAX)), num, size, 0.0)
+    gates["lk"] = _to_chunks(torch.log1p(-al.clamp(max=ALPHA_MAX)), num, size, 0.0)
     if eta is not None:
-        gates["le"] = _to_chunks(torch.log(flat(eta).clamp(min=_ETA_MIN)), num, size, 0.0)
+        gates["le"] = _to_chunks(torch.log(flat(eta).clamp(min=ETA_MIN)), num, size, 0.0)
     dn = None
     if huber_delta is not None:
         dn = _to_chunks(flat(huber_delta), num, size, 1.0)

@@ -1,7 +1,8 @@
 """Neural-memory op, the pieces its implementations share: the rule, the state, the memory's
-forward, the surrogate output gradients and the retention maps f(X) (definitions in
-reference.py's docstring). Why a module of its own: the fast paths (chunked.py, triton.py)
-import these, never the oracle reference.py, so the oracle's recurrence stays independent.
+forward and read (`retrieve`), the surrogate output gradients, the retention maps f(X)
+(definitions in reference.py's docstring) and the fast paths' gate bounds. Why a module of
+its own: the fast paths (chunked.py, triton.py) and the models import these, never the oracle
+reference.py, so the oracle's recurrence stays independent.
 """
 
 from __future__ import annotations
@@ -17,6 +18,12 @@ from models.layers.precision import compute_dtype
 
 ATTN_BIASES = ("l2", "lp", "huber")
 RETENTIONS = ("l2", "lq", "kl")
+# The fast paths' bounds on the gates before their logs (chunked.py, triton.py; the same in
+# both, so they agree at alpha = 1, eta = 0): alpha == 1 or eta == 0 would give log(0) = -inf
+# whose gradient is NaN; these bounds change the gates by less than fp32 resolution (alpha) or
+# leave a 1e-30 momentum carry (eta). The reference takes no logs, so it needs none.
+ALPHA_MAX = 1.0 - 2.0**-24
+ETA_MIN = 1e-30
 
 
 @dataclass(frozen=True, slots=True)

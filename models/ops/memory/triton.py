@@ -24,8 +24,14 @@ import triton
 from torch import Tensor
 from triton.runtime.errors import OutOfResources
 
-from models.ops.memory.chunked import _ALPHA_MAX, _ETA_MIN
-from models.ops.memory.common import DEFAULT_RULE, MemoryRule, MemoryState, init_state
+from models.ops.memory.common import (
+    ALPHA_MAX,
+    DEFAULT_RULE,
+    ETA_MIN,
+    MemoryRule,
+    MemoryState,
+    init_state,
+)
 from models.ops.memory.triton_kernels import (
     _lin_bwd_kernel,
     _lin_fwd_kernel,
@@ -74,9 +80,9 @@ def _shrinking(launch: Callable[[int], None], tile: int, name: str) -> int:
 
 
 def _log_gates(alpha: Tensor, eta: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """log(1-α), log η with chunked.py's bounds (so both paths agree at α = 1, η = 0)."""
-    lk = torch.log1p(-alpha.clamp(max=_ALPHA_MAX))
-    return lk, None if eta is None else torch.log(eta.clamp(min=_ETA_MIN))
+    """log(1-α), log η with the fast paths' bounds (common.py; chunked.py uses the same)."""
+    lk = torch.log1p(-alpha.clamp(max=ALPHA_MAX))
+    return lk, None if eta is None else torch.log(eta.clamp(min=ETA_MIN))
 
 
 def _gate_grads(
