@@ -52,7 +52,7 @@ PEAK_GFLOPS = {"fp32 2 threads": 300, "64-wide batched matmul": 80}  # from the 
 def build(impl: str) -> torch.nn.Module:
     """The module under test; same widths, heads, chunk and memory MLP for all."""
     if impl.startswith("ours"):
-        from models.sequence.titans import NeuralMemory
+        from models.layers.neural_memory import NeuralMemory
 
         return NeuralMemory(
             DIM,

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from models.layers.neural_memory import NeuralMemory
 from models.ops.memory import retrieve as memory_retrieve
-from models.sequence.titans import NeuralMemory
 from tests._testing import (
     assert_close,
     one_thread,  # noqa: F401  (autouse: this module runs on 1 thread)

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import models
-from models.sequence.titans import MAX_LR_WITHOUT_NORM, NeuralMemory, Titans, TitansConfig
+from models.layers.neural_memory import NeuralMemory
+from models.sequence.titans import MAX_LR_WITHOUT_NORM, Titans, TitansConfig
 from tests._testing import (
     assert_close,
     one_thread,  # noqa: F401  (autouse: this module runs on 1 thread)

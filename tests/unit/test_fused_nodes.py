@@ -1,4 +1,4 @@
-"""The memory layer's fused ends (models/layers/fused_io.py) against their plain-op oracles:
+"""The memory layer's fused ends (models/layers/fused_nodes.py) against their plain-op oracles:
 outputs and gradients of every input, odd lengths, batch 2, several heads (docs/ARCHITECTURE.md)."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.layers.fused_io import (
+from models.layers.fused_nodes import (
     conv_silu_norm,
     conv_silu_norm_reference,
     norm_gate,
