@@ -172,13 +172,13 @@ class MultiScaleRetention(nn.Module):
         v = heads(self.wv(x_BLD), self.value_dim)
         q, k = self._rotate(q, k, pos0)
         # decoding one token from a state is the recurrent form; everything else the train form
-        mode = "recurrent" if (L == 1 and state is not None) else self.cfg.mode
+        impl = "recurrent" if (L == 1 and state is not None) else self.cfg.mode
         o, new_state = retention(
             q,
             k,
             v,
             self.decay,
-            mode=mode,
+            impl=impl,
             initial_state=state,
             offset=pos0,
             normalize_decay=self.cfg.normalize_decay,

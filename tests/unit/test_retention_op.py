@@ -136,22 +136,35 @@ def test_chunked_streaming_equals_whole(normalize):
 
 @pytest.mark.parametrize("normalize_decay,normalize_scores", NORMS)
 def test_recurrent_decode_equals_parallel(normalize_decay, normalize_scores):
-    """One-token decoding through retention(mode='recurrent') reproduces the parallel form."""
+    """One-token decoding through retention(impl='recurrent') reproduces the parallel form."""
     L = 63
     q, k, v, _, _, _ = _inputs(L, with_state=False, normalize_scores=normalize_scores)
     gamma = retnet_decay(H)
     kw = dict(normalize_decay=normalize_decay, normalize_scores=normalize_scores)
-    o_par, s_par = retention(q, k, v, gamma, mode="parallel", **kw)
+    o_par, s_par = retention(q, k, v, gamma, impl="parallel", **kw)
     state, outs = None, []
     for t in range(L):
         sl = slice(t, t + 1)
         o_t, state = retention(
-            q[:, :, sl], k[:, :, sl], v[:, :, sl], gamma, mode="recurrent",
+            q[:, :, sl], k[:, :, sl], v[:, :, sl], gamma, impl="recurrent",
             initial_state=state, offset=t, **kw,
         )  # fmt: skip
         outs.append(o_t)
     assert_close("o", o_par, torch.cat(outs, dim=2), 1e-5)
     assert_close("state", s_par, state, 1e-5)
+
+
+def test_mode_is_the_deprecated_name_of_impl():
+    """retention(mode=...) still runs the form it names (benchmarks pass it), with a
+    DeprecationWarning; a mode that contradicts an explicit impl is refused."""
+    q, k, v, h0, _, _ = _inputs(21, with_state=True, normalize_scores=False)
+    gamma = retnet_decay(H)
+    o, s = retention(q, k, v, gamma, impl="parallel", initial_state=h0)
+    with pytest.warns(DeprecationWarning, match="impl="):
+        o_old, s_old = retention(q, k, v, gamma, mode="parallel", initial_state=h0)
+    assert torch.equal(o, o_old) and torch.equal(s, s_old)
+    with pytest.raises(ValueError, match="disagree"), pytest.warns(DeprecationWarning):
+        retention(q, k, v, gamma, impl="chunked", mode="parallel")
 
 
 @pytest.mark.parametrize("L", [1, 5, 63])
@@ -192,14 +205,14 @@ def test_dispatch_modes_and_errors(monkeypatch):
     gamma = retnet_decay(H)
     ref_o, ref_s = retention_recurrent(q, k, v, gamma, initial_state=h0)
     for mode in ("auto", "chunked", "parallel", "recurrent"):
-        o, s = retention(q, k, v, gamma, mode=mode, initial_state=h0, chunk_size=16)
+        o, s = retention(q, k, v, gamma, impl=mode, initial_state=h0, chunk_size=16)
         assert_close(f"o[{mode}]", ref_o, o, 1e-5)
         assert_close(f"state[{mode}]", ref_s, s, 1e-5)
-    with pytest.raises(ValueError, match="mode"):
-        retention(q, k, v, gamma, mode="flash")
+    with pytest.raises(ValueError, match="impl"):
+        retention(q, k, v, gamma, impl="flash")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
-        retention(q, k, v, gamma, mode="triton")
+        retention(q, k, v, gamma, impl="triton")
     with pytest.raises(ValueError, match="initial_state"):
         retention(q, k, v, gamma, initial_state=h0, normalize_scores=True)
     with pytest.raises(ValueError, match="decay"):

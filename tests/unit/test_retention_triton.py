@@ -117,13 +117,13 @@ def test_triton_chunk_sweep_without_state(triton_retention, chunk_size):
 
 
 def test_triton_dispatch_with_normalisations(triton_retention):
-    """retention(mode='triton') with both RetNet normalisations, a carried state and offset."""
+    """retention(impl='triton') with both RetNet normalisations, a carried state and offset."""
     L, K, V = 37, 13, 11
     q, k, v, h0, do, dht = _inputs(L, K, V, dtype=torch.float32, state_cols=V + 1)
     kw = dict(normalize_decay=True, normalize_scores=True, offset=5)
     ref = _fwd_bwd(retention_recurrent, q, k, v, h0, do, dht, upcast=True, **kw)
     out = _fwd_bwd(
-        retention, q, k, v, h0, do, dht, upcast=False, mode="triton", chunk_size=16, **kw
+        retention, q, k, v, h0, do, dht, upcast=False, impl="triton", chunk_size=16, **kw
     )
     _check(ref, out, FP32_TOL)
 

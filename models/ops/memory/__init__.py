@@ -1,21 +1,22 @@
 """Neural memory (Titans / Miras): the oracle `reference.py` beside the fast `chunked.py`.
 
 `neural_memory(..., impl=...)` picks the implementation by name (tests force each one):
-"chunked", "reference", "triton" (`triton.py`, imported on first use so importing this package
-never imports triton) or "auto" (Triton on CUDA for the rules it covers, chunked otherwise).
+"chunked" (the default), "reference" (the token loop: tests, evaluation checks), "triton"
+(`triton.py`, imported on first use so importing this package never imports triton) or "auto"
+(Triton on CUDA for the rules it covers, chunked otherwise: exactly chunked on CPU). `impl` is
+the keyword every op's dispatcher takes (models.ops.retention too).
 """
 
 from __future__ import annotations
 
 import importlib.util
-import inspect
-from typing import Any
 
 from torch import Tensor
 
 from models.ops.memory.chunked import memory_chunked
 from models.ops.memory.common import (
     ATTN_BIASES,
+    DEFAULT_RULE,
     RETENTIONS,
     MemoryRule,
     MemoryState,
@@ -25,45 +26,80 @@ from models.ops.memory.common import (
 from models.ops.memory.reference import memory_reference
 
 
-def _memory_triton(*args: Any, **kwargs: Any) -> tuple[Tensor, MemoryState]:
-    """impl="triton": imported here so that CPU users of the package never import triton."""
+def _memory_triton(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    theta: Tensor,
+    alpha: Tensor,
+    eta: Tensor | None,
+    state: MemoryState,
+    chunk_size: int,
+    rule: MemoryRule,
+    huber_delta: Tensor | None,
+    checkpoint: bool,
+) -> tuple[Tensor, MemoryState]:
+    """impl="triton". Imported here, deliberately lazily: CPU users of the package (every
+    Titans model on CPU) then never import triton (~130 MB of RSS, and it needs a driver)."""
     from models.ops.memory.triton import memory_triton
 
-    return memory_triton(*args, **kwargs)
+    return memory_triton(
+        q, k, v, theta, alpha, eta, state, chunk_size, rule, huber_delta, checkpoint
+    )
 
 
-def _memory_auto(*args: Any, **kwargs: Any) -> tuple[Tensor, MemoryState]:
-    """impl="auto": Triton on CUDA when it covers the arguments, the chunked form otherwise."""
-    q = args[0] if args else kwargs["q"]
-    if not q.is_cuda:  # the default impl of every Titans model: no binding work on CPU
-        return memory_chunked(*args, **kwargs)
-    call = inspect.signature(memory_chunked).bind(*args, **kwargs)
-    call.apply_defaults()
-    a = call.arguments
-    if importlib.util.find_spec("triton") is not None:
-        from models.ops.memory.triton import unsupported_reason
+def _triton_covers(
+    q: Tensor, v: Tensor, state: MemoryState, rule: MemoryRule, theta: Tensor, alpha: Tensor
+) -> bool:
+    """Whether impl="auto" takes the Triton path: CUDA tensors, triton installed, and the
+    arguments within what the kernels cover (`unsupported_reason`)."""
+    if not q.is_cuda or importlib.util.find_spec("triton") is None:
+        return False
+    # imported only on CUDA with triton installed (see _memory_triton)
+    from models.ops.memory.triton import unsupported_reason
 
-        if (
-            unsupported_reason(a["q"], a["v"], a["state"], a["rule"], a["theta"], a["alpha"])
-            is None
-        ):
-            return _memory_triton(*args, **kwargs)
-    return memory_chunked(*args, **kwargs)
+    return unsupported_reason(q, v, state, rule, theta, alpha) is None
 
 
-IMPLS = {
-    "auto": _memory_auto,
-    "chunked": memory_chunked,
-    "reference": memory_reference,
-    "triton": _memory_triton,
-}
+IMPLS = ("auto", "chunked", "reference", "triton")
 
 
-def neural_memory(*args: Any, impl: str = "chunked", **kwargs: Any) -> tuple[Tensor, MemoryState]:
-    """Dispatch to `memory_chunked` (default) or another impl (module docstring); same args."""
+def neural_memory(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    theta: Tensor,
+    alpha: Tensor,
+    eta: Tensor | None,
+    state: MemoryState,
+    chunk_size: int,
+    rule: MemoryRule = DEFAULT_RULE,
+    huber_delta: Tensor | None = None,
+    *,
+    impl: str = "chunked",
+    checkpoint: bool = False,
+) -> tuple[Tensor, MemoryState]:
+    """Neural-memory write + retrieve by the implementation `impl` names (module docstring).
+
+    The op's contract (reference.py): q, k (B, H, L, Din); v (B, H, L, Dout); theta, alpha
+    (B, H, L), or (B, H, L, Din) channel-wise; eta (B, H, L), None = no momentum; state the
+    per-layer (H | B, H, d_in, d_out) weights and momentum; huber_delta (B, H, L) for the huber
+    bias. Returns y (B, H, L, Dout) in q's dtype and the final state in the compute dtype.
+    checkpoint=True (chunked form) recomputes groups of chunks in backward; the Triton form
+    keeps only chunk-start states anyway and ignores it; the reference has no such mode.
+    """
     if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {sorted(IMPLS)}, got {impl!r}")
-    return IMPLS[impl](*args, **kwargs)
+        raise ValueError(f"impl must be one of {list(IMPLS)}, got {impl!r}")
+    args = (q, k, v, theta, alpha, eta, state, chunk_size, rule, huber_delta)
+    if impl == "reference":
+        if checkpoint:
+            raise ValueError(
+                "checkpoint=True is a mode of the chunked form; impl='reference' has none"
+            )
+        return memory_reference(*args)
+    if impl == "triton" or (impl == "auto" and _triton_covers(q, v, state, rule, theta, alpha)):
+        return _memory_triton(*args, checkpoint)
+    return memory_chunked(*args, checkpoint)
 
 
 __all__ = [
