@@ -36,7 +36,8 @@ from data.shard_format import (  # noqa: E402
     ShardWriter,
     write_index,
 )
-from data.shards import ShardLoader, ShardSource  # noqa: E402
+from data.shard_loader import ShardLoader  # noqa: E402
+from data.shard_reader import ShardSource  # noqa: E402
 
 
 def make_shards(out: Path, total_mb: int, mean_tokens: int, seed: int = 0) -> dict:
@@ -98,7 +99,7 @@ def verify_cost(path: Path, seq_len: int, batch: int, tokens: int) -> dict[str, 
 
 
 def run_wds(urls: list[str], workers: int) -> tuple[float, float]:
-    import webdataset as wds
+    import webdataset as wds  # lazy: the optional `bench` extra, and seconds to import
 
     ds = (
         wds.WebDataset(

@@ -1,4 +1,4 @@
-"""The on-disk format of token shards: writer, ranged reads by URL, header checks, tar scan.
+"""The on-disk format of token shards: writer, header checks, tar scan.
 
 A dataset directory holds `shard-000000.tar ...` (plain ustar; each document one member
 `<key>.tokens.npy`, a 1-D uint16/uint32 array), a sidecar `shard-000000.idx.npy` per token
@@ -14,9 +14,7 @@ touches. The tar itself is unchanged (tar and plain webdataset read it as before
 the sidecar table: readers that predate checksums read version-2 datasets too. Version-1
 datasets (no `checksum` in index.json) read without verification.
 
-URLs: local paths, `file://`, any fsspec URL (s3://, gs://, https://; ranged reads through
-fsspec's block cache) and `pipe:CMD` (stdout of a shell command, as webdataset reads it; a
-pipe cannot seek, so a process spools each shard it touches to an unlinked temp file once).
+URLs: any kind data/shard_urls.py reads (local paths, `file://`, fsspec URLs, `pipe:CMD`).
 No pickle anywhere: `np.load(..., allow_pickle=False)` and our own header parsing.
 """
 
@@ -27,16 +25,15 @@ import io
 import json
 import os
 import re
-import shutil
-import subprocess
 import tarfile
-import tempfile
 import zlib
-from collections import OrderedDict
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from data.shard_urls import RangeReader
 
 INDEX_NAME = "index.json"
 FORMAT = "mnemosyne-shards"
@@ -77,149 +74,6 @@ def token_dtype(vocab_size: int) -> np.dtype:
     if vocab_size <= 0:
         raise ValueError(f"vocab_size={vocab_size}; expected a positive number of token ids")
     return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.uint32)
-
-
-# ---------------------------------------------------------------------------------------------
-# URLs
-
-
-def _local_path(url: str) -> str | None:
-    if url.startswith("file://"):
-        return url[len("file://") :]
-    if url.startswith("pipe:") or "://" in url:
-        return None
-    return url
-
-
-def sibling_url(index_url: str, name: str) -> str:
-    """URL of file `name` next to index.json: the last `index.json` in the URL replaced.
-
-    Works for paths, fsspec URLs and `pipe:` commands alike (`pipe:aws s3 cp s3://b/d/index.json -`
-    -> `pipe:aws s3 cp s3://b/d/shard-000000.tar -`).
-    """
-    i = index_url.rfind(INDEX_NAME)
-    if i < 0:
-        raise ValueError(f"{index_url!r} does not name an {INDEX_NAME}")
-    return index_url[:i] + name + index_url[i + len(INDEX_NAME) :]
-
-
-def _run_pipe(cmd: str, out: BinaryIO) -> None:
-    proc = subprocess.Popen(cmd, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert proc.stdout is not None
-    shutil.copyfileobj(proc.stdout, out, 1 << 20)
-    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-    if proc.wait() != 0:
-        raise OSError(f"pipe command {cmd!r} exited with status {proc.returncode}: {err.strip()}")
-
-
-def read_url(url: str) -> bytes:
-    """The whole content of a small file (index.json, a sidecar) at any supported URL."""
-    path = _local_path(url)
-    if path is not None:
-        return Path(path).read_bytes()
-    if url.startswith("pipe:"):
-        buf = io.BytesIO()
-        _run_pipe(url[len("pipe:") :], buf)
-        return buf.getvalue()
-    import fsspec
-
-    with fsspec.open(url, "rb") as f:
-        return f.read()
-
-
-def url_exists(url: str) -> bool:
-    """Whether `url` names an existing file (pipe commands are assumed to exist)."""
-    path = _local_path(url)
-    if path is not None:
-        return os.path.isfile(path)
-    if url.startswith("pipe:"):
-        return True
-    import fsspec
-
-    fs, p = fsspec.core.url_to_fs(url)
-    return fs.isfile(p)
-
-
-class RangeReader:
-    """Per-process cache of open shards for ranged reads (local: os.pread; fsspec: seek+read;
-    pipe: spooled once to an unlinked temp file). Handles are never shared across a fork."""
-
-    def __init__(self, max_open: int = 8) -> None:
-        self.max_open = max_open
-        self._pid = os.getpid()
-        self._open: OrderedDict[str, Any] = OrderedDict()
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"max_open": self.max_open}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["max_open"])
-
-    def file(self, url: str) -> BinaryIO:
-        """A seekable file object for `url` (kept open in a small LRU)."""
-        if os.getpid() != self._pid:  # forked DataLoader worker: open our own handles
-            self._open = OrderedDict()
-            self._pid = os.getpid()
-        f = self._open.pop(url, None)
-        if f is None:
-            f = self._open_url(url)
-        self._open[url] = f
-        while len(self._open) > self.max_open:
-            self._open.popitem(last=False)[1].close()
-        return f
-
-    @staticmethod
-    def _open_url(url: str) -> BinaryIO:
-        path = _local_path(url)
-        if path is not None:
-            return open(path, "rb", buffering=0)  # kept open in the LRU
-        if url.startswith("pipe:"):
-            tmp = tempfile.TemporaryFile(prefix="mnemo-spool-")  # unlinked: gone with the process
-            _run_pipe(url[len("pipe:") :], tmp)
-            tmp.flush()  # reads go through os.pread, under the buffer
-            return tmp
-        import fsspec
-
-        return fsspec.open(url, "rb", block_size=4 << 20).open()
-
-    def size(self, url: str) -> int:
-        """Size of the file at `url` in bytes, as it was when opened."""
-        f = self.file(url)
-        size = getattr(f, "mnemo_size", None)
-        if size is None:
-            try:
-                size = os.fstat(f.fileno()).st_size
-            except (AttributeError, OSError, io.UnsupportedOperation):
-                size = getattr(f, "size", None)
-                size = int(size) if size is not None else f.seek(0, io.SEEK_END)
-            try:
-                f.mnemo_size = size  # type: ignore[attr-defined]
-            except AttributeError:  # objects with __slots__: ask again next time
-                pass
-        return size
-
-    def pread(self, url: str, offset: int, n: int) -> bytes:
-        """Up to `n` bytes at `offset` (fewer only at the end of the file)."""
-        f = self.file(url)
-        try:
-            fd = f.fileno()
-        except (AttributeError, OSError, io.UnsupportedOperation):
-            fd = None
-        if fd is None:
-            f.seek(offset)
-            return f.read(n)
-        parts, got = [], 0
-        while got < n:
-            b = os.pread(fd, n - got, offset + got)
-            if not b:
-                break
-            parts.append(b)
-            got += len(b)
-        return b"".join(parts)
-
-    def close(self) -> None:
-        while self._open:
-            self._open.popitem()[1].close()
 
 
 # ---------------------------------------------------------------------------------------------

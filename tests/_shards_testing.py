@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from data.convert.text import convert_text
-from data.shards import ShardLoader, ShardSource
+from data.shard_loader import ShardLoader
+from data.shard_reader import ShardSource
 
 
 def make_docs(n: int, seed: int = 0, max_len: int = 600) -> list[bytes]:

@@ -10,13 +10,16 @@ import tarfile
 from itertools import islice
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import pytest
 
 import data
 from data.packing import MAX_SEQ_LEN
-from data.shard_format import ShardDataError
-from data.shards import ShardLoader, ShardSource
+from data.shard_format import CHECKSUM, CHUNK_BYTES, FORMAT, ShardDataError, write_index
+from data.shard_loader import ShardLoader
+from data.shard_reader import ShardSource
+from data.shards import build_shard_loader  # the public module (data.sources names it)
 from system.config import DataConfig
 from tests._shards_testing import (
     check_epoch_once,
@@ -130,8 +133,6 @@ def test_resume_refuses_another_dataset(ds, tmp_path: Path) -> None:
 
 
 def test_url_kinds_read_the_same(ds) -> None:
-    import fsspec
-
     path, _ = ds
     ref = _global(read_rows(_loader(path), 6))
     mem = fsspec.filesystem("memory")
@@ -300,8 +301,6 @@ def test_checksum_catches_in_vocab_corruption(ds, tmp_path: Path) -> None:
 
 
 def test_checksum_catches_corruption_deep_inside_a_long_document(tmp_path: Path) -> None:
-    from data.shard_format import CHUNK_BYTES
-
     docs = make_docs(6, seed=4, max_len=40_000)
     docs[2] = docs[2] + b"q" * 30_000  # > 3 checksum chunks, read in many 64-token slices
     path = write_dataset(tmp_path / "long", docs, shard_size="1MB")
@@ -383,9 +382,6 @@ def test_verification_off_reads_the_same(ds) -> None:
 
 
 def test_empty_dataset_fails_at_construction_naming_the_path(tmp_path: Path) -> None:
-    from data.shard_format import CHECKSUM, FORMAT, write_index
-    from data.shards import build_shard_loader
-
     empty = tmp_path / "empty"
     empty.mkdir()
     write_index(
