@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+from tokenizers import Tokenizer as _Tok
 
 
 class Tokenizer(Protocol):
@@ -41,8 +42,6 @@ class HFTokenizer:
     """A `tokenizers` JSON tokenizer; the separator is its EOS-like token when one exists."""
 
     def __init__(self, path: str | Path) -> None:
-        from tokenizers import Tokenizer as _Tok
-
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"tokenizer file {p} does not exist; expected a tokenizer.json")

@@ -5,6 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from data.convert.images import convert_images
+from data.convert.images import summary as images_summary
+from data.convert.text import convert_text
+from data.convert.text import summary as text_summary
+
 _SIZE_HELP = (
     "max bytes per shard: decimal units MB = 10^6 bytes (k/KB = 10^3, GB = 10^9) or binary "
     "MiB = 2^20 bytes (KiB = 2^10, GiB = 2^30); default 256MB"
@@ -67,8 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.code or 0)
     try:
         if args.cmd == "text":
-            from data.convert.text import convert_text, summary
-
+            summary = text_summary
             meta = convert_text(
                 args.input,
                 args.out,
@@ -79,8 +83,7 @@ def main(argv: list[str] | None = None) -> int:
                 progress=not args.no_progress,
             )
         else:
-            from data.convert.images import convert_images, summary
-
+            summary = images_summary
             meta = convert_images(
                 args.out,
                 input=args.input,

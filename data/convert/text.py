@@ -4,7 +4,7 @@ One sample per document: a whole text file, or one line of a .jsonl file (its `-
 Directories are walked recursively in sorted order; files whose first 8 KB hold a NUL byte
 are binary (git's test) and skipped, hidden files too; both are counted, so the summary
 accounts for every input byte: with the byte tokenizer, tokens == text bytes exactly.
-The writer keeps input order; the reader shuffles (data/shards.py).
+The writer keeps input order; the reader shuffles (data/shard_order.py).
 
 Refused, naming the path: inputs that hold no document (empty, binary-only; no output is left),
 an `--out` that is a file, or a non-empty `--out` that is not an earlier output of ours
@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from data.shard_format import (
     CHECKSUM,
@@ -38,6 +39,7 @@ from data.shard_format import (
     token_dtype,
     write_index,
 )
+from data.tokenizers import load_tokenizer
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
 _UNITS = {
@@ -260,8 +262,6 @@ def convert_text(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Tokenize `inputs` into shards under `out`; returns the index.json content."""
-    from data.tokenizers import load_tokenizer
-
     tok = load_tokenizer(tokenizer)
     dtype = token_dtype(tok.vocab_size).newbyteorder("<")
     out = Path(out)
@@ -339,15 +339,6 @@ def _tokenize_into(
 
 
 def _progress_bar(total: int, enabled: bool) -> Any:
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover - tqdm comes with ray; keep a silent stand-in
-
-        class _Null:
-            def update(self, n: int) -> None: ...
-            def close(self) -> None: ...
-
-        return _Null()
     return tqdm(
         total=total,
         unit="B",

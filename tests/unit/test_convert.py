@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import webdataset as wds
+from PIL import Image
+from tokenizers import Tokenizer, models, pre_tokenizers
 
 from data.convert import main
 from data.convert.text import convert_text, parse_size, staged_output
@@ -160,8 +162,6 @@ def test_cli_summary_progress_force_and_errors(tmp_path: Path, capsys) -> None:
 
 
 def test_large_vocabulary_writes_uint32(tmp_path: Path) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
     vocab = {f"w{i}": i for i in range(70_000)} | {"[UNK]": 70_000, "</s>": 70_001}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -190,8 +190,6 @@ def test_parse_size() -> None:
 
 
 def _img(path: Path, size: tuple[int, int], fmt: str, color: int) -> None:
-    from PIL import Image
-
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", size, (color, 0, 255 - color)).save(path, format=fmt)
 
