@@ -3,9 +3,10 @@
 Legend: B batch, L tokens, D model width, H heads, K key dim per head, V value dim per head.
 
 Training runs the chunkwise / parallel / Triton retention op (`RetNetConfig.mode`); a 1-token
-step with a state runs the recurrent form, so decoding costs O(1) per token. All forms share one
-state layout (B, H, K, V + 1) and offset convention (models/ops/retention/reference.py), so
-pieces of any length with the carried state equal the whole sequence (`stream_multiple` = 1).
+step with a state runs the recurrent step (`retention_step`), so decoding costs O(1) per
+token. All forms share one state layout (B, H, K, V + 1) and offset convention
+(models/ops/retention/reference.py), so pieces of any length with the carried state equal the
+whole sequence (`stream_multiple` = 1).
 Block (paper section 2.3): X += MSR(norm(X)); X += FFN(norm(X)), with
 MSR(X) = (swish(X W_G) * HeadNorm(Retention(X))) W_O, value width 2D, FFN width 2D (GELU).
 """
@@ -21,7 +22,7 @@ from torch import nn
 from models.layers.lm import build_trunk, init_lm_weights
 from models.layers.norms import RMSNorm
 from models.layers.rotary import ROPE_SCHEDULES, apply_rope, rope_angles
-from models.ops.retention import retention, retnet_decay
+from models.ops.retention import retention, retention_step, retnet_decay
 from models.outputs import SeqOutput
 from models.registry import ModelSpec, register
 
@@ -171,20 +172,25 @@ class MultiScaleRetention(nn.Module):
         k = heads(self.wk(x_BLD), self.key_dim)
         v = heads(self.wv(x_BLD), self.value_dim)
         q, k = self._rotate(q, k, pos0)
-        # decoding one token from a state is the recurrent form; everything else the train form
-        impl = "recurrent" if (L == 1 and state is not None) else self.cfg.mode
-        o, new_state = retention(
-            q,
-            k,
-            v,
-            self.decay,
-            impl=impl,
-            initial_state=state,
-            offset=pos0,
-            normalize_decay=self.cfg.normalize_decay,
-            normalize_scores=self.cfg.normalize_scores,
-            chunk_size=self.cfg.chunk_size,
+        norms = dict(
+            normalize_decay=self.cfg.normalize_decay, normalize_scores=self.cfg.normalize_scores
         )
+        if L == 1 and state is not None:  # decoding one token from a state: the recurrent step
+            o, new_state = retention_step(
+                q, k, v, self.decay, initial_state=state, offset=pos0, **norms
+            )
+        else:
+            o, new_state = retention(
+                q,
+                k,
+                v,
+                self.decay,
+                impl=self.cfg.mode,
+                initial_state=state,
+                offset=pos0,
+                chunk_size=self.cfg.chunk_size,
+                **norms,
+            )
         o = self._head_norm(o.transpose(1, 2)).reshape(b, L, -1).to(x_BLD.dtype)
         return self.wo(F.silu(self.wg(x_BLD)) * o), new_state
 

@@ -18,6 +18,7 @@ from models.ops.retention import (
     retention_chunked,
     retention_parallel,
     retention_recurrent,
+    retention_step,
     retnet_decay,
 )
 from tests._testing import assert_close
@@ -152,6 +153,34 @@ def test_recurrent_decode_equals_parallel(normalize_decay, normalize_scores):
         outs.append(o_t)
     assert_close("o", o_par, torch.cat(outs, dim=2), 1e-5)
     assert_close("state", s_par, state, 1e-5)
+
+
+@pytest.mark.parametrize("normalize_decay,normalize_scores", NORMS)
+def test_decoding_step_is_the_oracle_step_bitwise(normalize_decay, normalize_scores):
+    """retention_step (RetNet's decoding, apart from the oracle) == one token of the oracle's
+    loop, bitwise, at every step: outputs, states and their gradients (through the carried
+    state, from a learned initial state on)."""
+    L = 9
+    q, k, v, h0, _, _ = _inputs(L, with_state=True, normalize_scores=normalize_scores)
+    gamma = retnet_decay(H)
+    kw = dict(normalize_decay=normalize_decay, normalize_scores=normalize_scores)
+    grads = []
+    for fn in (retention_recurrent, retention_step):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, h0)]
+        state, outs, states = leaves[3], [], []
+        for t in range(L):
+            sl = slice(t, t + 1)
+            qt, kt, vt = (x[:, :, sl] for x in leaves[:3])
+            o_t, state = fn(qt, kt, vt, gamma, initial_state=state, offset=t, **kw)
+            outs.append(o_t)
+            states.append(state)
+        torch.cat(outs, dim=2).square().sum().add(state.sum()).backward()
+        grads.append((outs, states, [x.grad for x in leaves]))
+    (o_ref, s_ref, g_ref), (o_new, s_new, g_new) = grads
+    for a, b in zip(o_ref + s_ref + g_ref, o_new + s_new + g_new):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="one token"):
+        retention_step(q, k, v, gamma, initial_state=h0, **kw)
 
 
 def test_mode_is_the_deprecated_name_of_impl():

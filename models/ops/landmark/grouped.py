@@ -22,7 +22,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .reference import landmark_mask
+from .common import landmark_mask
 
 
 def _layout(L: int, mem_freq: int, device: torch.device):

@@ -23,13 +23,6 @@ from __future__ import annotations
 import torch
 
 
-def landmark_mask(L: int, mem_freq: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """Bool (L,): True at landmark positions (every (mem_freq + 1)-th token)."""
-    if mem_freq < 1:
-        raise ValueError(f"mem_freq must be >= 1; got {mem_freq}")
-    return torch.arange(L, device=device) % (mem_freq + 1) == mem_freq
-
-
 def landmark_softmax_reference(scores: torch.Tensor, mem_freq: int) -> torch.Tensor:
     """Grouped landmark softmax of scores (..., L, L) [query, key]; returns P (..., L, L) fp32."""
     L = scores.shape[-1]

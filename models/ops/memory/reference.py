@@ -127,36 +127,18 @@ from torch import Tensor
 
 from models.layers.precision import compute_dtype
 from models.ops.memory.common import (
-    ATTN_BIASES,
     DEFAULT_RULE,
-    RETENTIONS,
     MemoryRule,
     MemoryState,
     channelwise_gates,
     effective_weights,
     init_state,
-    layer_norm,
     lq_norm_factor,
     mlp_forward,
     output_grad,
-    retrieve,
 )
 
-__all__ = [
-    "ATTN_BIASES",
-    "DEFAULT_RULE",
-    "RETENTIONS",
-    "MemoryRule",
-    "MemoryState",
-    "effective_weights",
-    "init_state",
-    "layer_norm",
-    "lq_norm_factor",
-    "memory_reference",
-    "mlp_forward",
-    "output_grad",
-    "retrieve",
-]
+__all__ = ["memory_reference"]
 
 
 def _token_grads(

@@ -19,8 +19,10 @@ import warnings
 import torch
 
 from .chunked import apply_normalizers, retention_chunked
+from .common import decay_row_sums, retnet_decay
 from .parallel import retention_parallel
-from .reference import decay_row_sums, retention_recurrent, retnet_decay
+from .reference import retention_recurrent
+from .step import retention_step
 
 IMPLS = ("auto", "triton", "chunked", "parallel", "recurrent")
 
@@ -32,6 +34,7 @@ __all__ = [
     "retention_chunked",
     "retention_parallel",
     "retention_recurrent",
+    "retention_step",
     "retnet_decay",
 ]
 

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from .reference import check_retention_inputs, decay_row_sums
+from .common import check_retention_inputs, decay_row_sums
 
 # core(q, k, v, log_decay_H, scale, initial_state) -> (o, final_state fp32), no normalisation
 RetentionCore = Callable[

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .reference import check_retention_inputs, decay_row_sums
+from .common import check_retention_inputs, decay_row_sums
 
 
 def retention_parallel(
