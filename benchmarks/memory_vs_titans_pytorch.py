@@ -24,6 +24,8 @@ synchronisation; "peak" is torch.cuda.max_memory_allocated of that configuration
 before it. --dtype bf16 casts the module and its input to bf16 (titans-pytorch fails under
 CUDA autocast: its TorchScript scan gets mixed dtypes); our memory op still computes in fp32.
 "ours-triton" is our NeuralMemory with impl="triton" (the fused kernels; CUDA only).
+"ours-ckpt" is ours with recompute_every=512: 512-token pieces, each recomputed in backward
+(before the layer had one recompute knob, it recomputed ~sqrt(n) groups of chunks inside the op).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 DIM, HEADS, HEAD_DIM, CHUNK, DEPTH, EXPANSION = 256, 4, 64, 64, 2, 4
+RECOMPUTE_EVERY = 8 * CHUNK  # "ours-ckpt": the recipes' mem_recompute_every (512 tokens)
 IMPLS = ("ours", "ours-ckpt", "ours-triton", "titans-bs64", "titans")
 DEFAULT_IMPLS = ("ours", "ours-ckpt", "titans-bs64", "titans")  # + ours-triton with --device cuda
 PEAK_GFLOPS = {"fp32 2 threads": 300, "64-wide batched matmul": 80}  # from the brief
@@ -60,7 +63,7 @@ def build(impl: str) -> torch.nn.Module:
             CHUNK,
             depth=DEPTH,
             expansion=EXPANSION,
-            checkpoint=impl == "ours-ckpt",
+            recompute_every=RECOMPUTE_EVERY if impl == "ours-ckpt" else 0,
             impl="triton" if impl == "ours-triton" else "chunked",
         )
     from titans_pytorch import NeuralMemory as TitansNeuralMemory

@@ -12,6 +12,7 @@ projection. The models built around it (LMM, MAC, MAG, MAL): models/sequence/tit
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 from models.layers.fused_nodes import conv_silu_norm, norm_gate
 from models.layers.norms import RMSNorm
 from models.layers.precision import upcast
+from models.layers.segment_scan import checkpointed_scan
 from models.ops.memory import MemoryRule, MemoryState, neural_memory
 from models.ops.memory import retrieve as memory_retrieve
 
@@ -64,8 +66,13 @@ class NeuralMemory(nn.Module):
     (Titans §3.1: "simple MLPs with L_M >= 1 layers"). The Triton kernels do not cover the
     norm, so impl='auto' runs the chunked form for it.
     attn_bias / retention pick the Miras variant (Moneta: lp + lq, Yaad: huber, Memora: kl
-    with depth 1; momentum=False for those, as in Miras). impl='reference' runs the token loop
-    (tests); checkpoint=True trades ~1/3 more compute for activation memory ~sqrt(L).
+    with depth 1; momentum=False for those, as in Miras). impl picks the op's form
+    (models.ops.memory: "auto", the default as in TitansConfig.mem_impl, is Triton on CUDA
+    where it covers the rule and the chunked form otherwise; 'reference' runs the token loop,
+    for tests). recompute_every=N > 0 (TitansConfig.mem_recompute_every) runs a long training
+    input in pieces of N tokens, each recomputed alone in backward: backward keeps the state
+    at the N-token boundaries and one piece's activations, not the whole input's (a multiple
+    of chunk_size; 0 = off; only while training with gradients).
     gate_rank=0: Titans' gates, one value per head and token, each from one Linear of x.
     gate_rank=r > 0 (Miras: "channel-wise" gates from low-rank projections, rank 32 / 64):
     x -> Linear(dim, r) -> Linear(r, ...) gives theta and alpha per head and key channel,
@@ -89,8 +96,8 @@ class NeuralMemory(nn.Module):
         head_dim: int | None = None,
         conv_kernel: int = 4,
         max_lr: float = 0.02,
-        impl: str = "chunked",
-        checkpoint: bool = False,
+        impl: str = "auto",
+        recompute_every: int = 0,
         norm: bool = False,
         gate_rank: int = 0,
     ) -> None:
@@ -98,8 +105,11 @@ class NeuralMemory(nn.Module):
         if head_dim is None and dim % heads:
             raise ValueError(f"dim={dim} is not divisible by heads={heads}; pass head_dim")
         head_dim = head_dim or dim // heads
-        if checkpoint and impl != "chunked":
-            raise ValueError("checkpoint=True needs impl='chunked'")
+        if recompute_every < 0 or recompute_every % chunk_size:
+            raise ValueError(
+                f"recompute_every={recompute_every} must be 0 (off) or a multiple of "
+                f"chunk_size={chunk_size}, so the recomputed pieces line up with the chunks"
+            )
         if depth < 1 or chunk_size < 1 or conv_kernel < 1:
             raise ValueError("depth, chunk_size and conv_kernel must be >= 1")
         if gate_rank < 0:
@@ -108,8 +118,7 @@ class NeuralMemory(nn.Module):
             raise ValueError("gate_rank > 0 (channel-wise gates, Miras) needs momentum=False")
         self.heads, self.head_dim, self.chunk_size = heads, head_dim, chunk_size
         self.max_lr, self.impl, self.kernel = max_lr, impl, conv_kernel
-        # Recompute memory chunks in backward: activation memory grows like sqrt(L), not L.
-        self.checkpoint = checkpoint
+        self.recompute_every = recompute_every
         self.rule = MemoryRule(attn_bias=attn_bias, retention=retention, norm=norm)
         self.use_momentum = momentum
         inner = heads * head_dim
@@ -214,6 +223,14 @@ class NeuralMemory(nn.Module):
                 f"{self.chunk_size} tokens (only a sequence's last piece may be shorter); got a "
                 f"next piece of {length}"
             )
+        n = self.recompute_every
+        if n and self.training and torch.is_grad_enabled() and length > n:
+            return self.scan(self._pieces, x_BLC, state, n, self)
+        return self._pieces(x_BLC, state)
+
+    def _pieces(self, x_BLC: Tensor, state: NeuralMemoryState) -> tuple[Tensor, NeuralMemoryState]:
+        """`_forward` over the input, on CPU in pieces of ~CPU_PIECE_TOKENS (same result)."""
+        b, length, _ = x_BLC.shape
         piece = self.chunk_size * max(1, self.CPU_PIECE_TOKENS // (b * self.chunk_size))
         if x_BLC.device.type != "cpu" or length <= piece:
             return self._forward(x_BLC, state)
@@ -245,10 +262,35 @@ class NeuralMemory(nn.Module):
             self.rule,
             huber_delta=delta,
             impl=self.impl,
-            **({"checkpoint": True} if self.checkpoint else {}),
         )
         aligned = length % self.chunk_size == 0
         return self._output(x_BLC, y), NeuralMemoryState(mem, conv_cache, aligned)
+
+    def scan(
+        self,
+        fn: Callable[[Tensor, NeuralMemoryState], tuple[Tensor, NeuralMemoryState]],
+        x: Tensor,
+        state: NeuralMemoryState | None,
+        seg: int,
+        owner: nn.Module,
+    ) -> tuple[Tensor, NeuralMemoryState]:
+        """fn(x_j, state) over segments of `seg` tokens of x (B, L, ...), the memory state
+        carried, each segment recomputed alone in backward (models/layers/segment_scan.py):
+        backward keeps x and one memory state per segment, and no forward graph. `fn` reads
+        this layer (its own pieces with `recompute_every`; MAC: a whole block segment) and
+        `owner` is the module whose parameters fn reads."""
+        depth = len(self.memory_init)
+
+        def step(x_j: Tensor, ts: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+            y, st = fn(x_j, NeuralMemoryState.from_tensors(ts, depth))
+            return y, st.tensors()
+
+        state = state or self.initial_state(x.shape[0])
+        params = [p for p in owner.parameters() if p.requires_grad]
+        y, ts = checkpointed_scan(step, x, state.tensors(), params, seg)
+        out = NeuralMemoryState.from_tensors(ts, depth)
+        out.aligned = x.shape[1] % self.chunk_size == 0
+        return y, out
 
     def _gates(self, x_BLC: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
         """theta, alpha, eta (None without momentum), Huber's delta (None for other biases):

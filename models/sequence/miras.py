@@ -57,7 +57,7 @@ def _config(name: str, size: tuple[int, int, int, int] | None, rank: int):
         dim, layers, heads, ffn = size
         # Channel-wise gates make each chunk's backward keep (T, T, Din) layer-1 coefficients
         # (measured: 5.5x the saved tensors of per-head gates at depth 2, 2.2x for Memora), so
-        # the paper sizes checkpoint the memory every 512 tokens: backward keeps the state at
+        # the paper sizes recompute the memory every 512 tokens: backward keeps the state at
         # those boundaries and recomputes one piece at a time.
         return TitansConfig(
             dim=dim,
@@ -65,7 +65,7 @@ def _config(name: str, size: tuple[int, int, int, int] | None, rank: int):
             n_heads=heads,
             mem_heads=heads,
             ffn_hidden=ffn,
-            mem_checkpoint=512,
+            mem_recompute_every=512,
             **PAPER_ARGS,
             **base,
         )

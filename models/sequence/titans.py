@@ -15,6 +15,7 @@ learnable initial state playing the part of M([P])).
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,7 +29,6 @@ from models.layers.mlp import SwiGLU, swiglu_hidden
 from models.layers.neural_memory import NeuralMemory, NeuralMemoryState
 from models.layers.norms import RMSNorm
 from models.layers.rotary import apply_rope, rope_angles
-from models.layers.segment_scan import checkpointed_scan
 from models.outputs import SeqOutput
 from models.registry import ModelSpec, register
 
@@ -75,10 +75,14 @@ class TitansConfig:
     # 96 tokens (weights ~1e4 after 64), so mem_norm=False at depth >= 2 allows max_lr <= 0.02
     # (MAX_LR_WITHOUT_NORM). With the norm, MAC-tiny stayed finite at 0.02-1.0 over 512 tokens.
     max_lr: float = 0.02
-    # Long-context memory savers: checkpoint the memory every `mem_checkpoint` tokens (MAC: per
-    # segment) so only the state at those boundaries is kept; cross-entropy in chunks of
-    # `loss_chunk` positions (0 = return full logits).
-    mem_checkpoint: int = 0
+    # Long-context memory savers. mem_recompute_every = N > 0: while training, the memory layer
+    # runs in pieces of N tokens, each recomputed in backward, so backward keeps only the memory
+    # state at the N-token boundaries (NeuralMemory's `recompute_every`, a multiple of
+    # chunk_size; MAC: any N > 0 recomputes each whole segment of `segment_len`, attention and
+    # FFN included); 0 = off. Apart from the job's scaling.activation_checkpointing, which
+    # recomputes whole blocks. loss_chunk: cross-entropy in chunks of `loss_chunk` positions
+    # inside forward (0 = return full logits; `Titans.fused_loss`).
+    mem_recompute_every: int = 0
     loss_chunk: int = 0
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
@@ -87,8 +91,25 @@ class TitansConfig:
     # the chunked PyTorch form otherwise and on CPU (identical there). On an H100 the op ran
     # 156-275k tok/s in Triton against 21-27k chunked (benchmarks/memory_vs_titans_pytorch.py).
     mem_impl: str = "auto"
+    # Deprecated name of mem_recompute_every, still accepted (saved configs and recipes pass it:
+    # launch/titans_2m.py); moved onto mem_recompute_every at construction and cleared, so a
+    # config holds the value once.
+    mem_checkpoint: int | None = None
 
     def __post_init__(self) -> None:
+        if self.mem_checkpoint is not None:
+            if self.mem_recompute_every not in (0, self.mem_checkpoint):
+                raise ValueError(
+                    f"mem_checkpoint={self.mem_checkpoint} is the deprecated name of "
+                    f"mem_recompute_every={self.mem_recompute_every}; pass mem_recompute_every only"
+                )
+            warnings.warn(
+                "TitansConfig.mem_checkpoint is deprecated: it is mem_recompute_every (the same "
+                "number of tokens)",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+            self.mem_recompute_every, self.mem_checkpoint = self.mem_checkpoint, None
         if not 0.0 < self.max_lr < math.inf:
             raise ValueError(f"max_lr={self.max_lr} must be a finite value > 0")
         if not self.mem_norm and self.mem_depth >= 2 and self.max_lr > MAX_LR_WITHOUT_NORM:
@@ -109,9 +130,10 @@ class TitansConfig:
                 f"dim={self.dim} must be divisible by n_heads={self.n_heads} and "
                 f"mem_heads={self.mem_heads}"
             )
-        if self.mem_checkpoint % self.chunk_size:
+        if self.mem_recompute_every < 0 or self.mem_recompute_every % self.chunk_size:
             raise ValueError(
-                f"mem_checkpoint={self.mem_checkpoint} must be a multiple of chunk_size="
+                f"mem_recompute_every={self.mem_recompute_every} must be 0 (off) or a multiple of "
+                "chunk_size="
                 f"{self.chunk_size}"
             )
         if self.variant == "mac" and self.segment_len % self.chunk_size:
@@ -231,6 +253,8 @@ class TitansBlock(nn.Module):
             momentum=cfg.momentum,
             max_lr=cfg.max_lr,
             impl=cfg.mem_impl,
+            # MAC recomputes whole segments itself (_mac), the memory's write included
+            recompute_every=0 if cfg.variant == "mac" else cfg.mem_recompute_every,
             norm=cfg.mem_norm,
             gate_rank=cfg.gate_rank,
         )
@@ -250,20 +274,20 @@ class TitansBlock(nn.Module):
         # so writing into it would recompute from the state after the piece.
         st, v = dict(st), self.variant
         if v == "lmm":
-            m, st["mem"] = self._memory(self.mem_norm(x), st.get("mem"))
+            m, st["mem"] = self.memory(self.mem_norm(x), st.get("mem"))
             x = x + m
         elif v == "mal":
-            m, st["mem"] = self._memory(self.mem_norm(x), st.get("mem"))
+            m, st["mem"] = self.memory(self.mem_norm(x), st.get("mem"))
             x = x + m
             a, st["kv"] = self.attn(self.attn_norm(x), st.get("pos", 0), st.get("kv"))
             x = x + a
         elif v == "mag":
             u = self.mem_norm(x)
             a, st["kv"] = self.attn(self.attn_norm(x), st.get("pos", 0), st.get("kv"))
-            m, st["mem"] = self._memory(u, st.get("mem"))
+            m, st["mem"] = self.memory(u, st.get("mem"))
             x = x + self.gate(a, m)
         else:
-            # MAC is segment-wise end to end: the FFN runs inside each (checkpointed) segment,
+            # MAC is segment-wise end to end: the FFN runs inside each (recomputed) segment,
             # so a 2M-token block never holds full-length FFN activations.
             x, st["mem"] = self._mac(x, st.get("mem"))
             st["pos"] = st.get("pos", 0) + x.shape[1]
@@ -271,35 +295,9 @@ class TitansBlock(nn.Module):
         st["pos"] = st.get("pos", 0) + x.shape[1]
         return x + self.ffn(self.ffn_norm(x)), st
 
-    def _checkpointing(self) -> bool:
-        return self.training and torch.is_grad_enabled() and self.cfg.mem_checkpoint > 0
-
-    def _memory(self, u: Tensor, mem: NeuralMemoryState | None):
-        """The memory over u, in checkpointed pieces of `mem_checkpoint` tokens when training
-        long sequences (pieces with carried state equal the whole: chunk-aligned)."""
-        n = self.cfg.mem_checkpoint
-        if not self._checkpointing() or u.shape[1] <= n:
-            return self.memory(u, mem)
-        return self._scan(self.memory, u, mem, n, self.memory)
-
-    def _scan(
-        self, fn: Callable, x: Tensor, mem: NeuralMemoryState | None, seg: int, owner: nn.Module
-    ):
-        """fn(x_j, state) over segments, each recomputed alone in backward (segment_scan.py):
-        backward keeps x and one memory state per segment, and no forward graph. `owner`:
-        the module whose parameters fn reads."""
-        depth = len(self.memory.memory_init)
-
-        def step(x_j: Tensor, ts: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
-            y, st = fn(x_j, NeuralMemoryState.from_tensors(ts, depth))
-            return y, st.tensors()
-
-        mem = mem or self.memory.initial_state(x.shape[0])
-        params = [p for p in owner.parameters() if p.requires_grad]
-        y, ts = checkpointed_scan(step, x, mem.tensors(), params, seg)
-        out = NeuralMemoryState.from_tensors(ts, depth)
-        out.aligned = x.shape[1] % self.cfg.chunk_size == 0
-        return y, out
+    def _recomputing(self) -> bool:
+        """Whether MAC's segments are recomputed in backward (mem_recompute_every > 0)."""
+        return self.training and torch.is_grad_enabled() and self.cfg.mem_recompute_every > 0
 
     def _mac_segment(self, x_seg: Tensor, mem: NeuralMemoryState | None):
         u = self.mem_norm(x_seg)
@@ -313,8 +311,8 @@ class TitansBlock(nn.Module):
         """Segments in order: read memory (state before the segment), attend over
         [P || read || segment], write the attention output, gate with the memory's answer."""
         seg = self.cfg.segment_len
-        if self._checkpointing():
-            return self._scan(self._mac_segment, x, mem, seg, self)
+        if self._recomputing():
+            return self.memory.scan(self._mac_segment, x, mem, seg, self)
         outs = []
         for x_seg in x.split(seg, dim=1):  # split: one backward node, not one per slice
             o, mem = self._mac_segment(x_seg, mem)

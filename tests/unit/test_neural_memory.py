@@ -10,6 +10,7 @@ from models.layers.neural_memory import NeuralMemory
 from models.ops.memory import retrieve as memory_retrieve
 from tests._testing import (
     assert_close,
+    autograd_graph_size,
     one_thread,  # noqa: F401  (autouse: this module runs on 1 thread)
 )
 
@@ -71,6 +72,33 @@ def test_cpu_pieces_match_one_call(variant: str, monkeypatch: pytest.MonkeyPatch
         assert_close("memory", a, b, 1e-5)
     for name, g in g1.items():
         assert_close(f"grad {name}", g, g2[name], 1e-4)
+
+
+@pytest.mark.parametrize("variant", ["titans", "yaad-cw"])
+def test_recompute_every_is_the_plain_layer_keeping_less(variant: str) -> None:
+    """recompute_every=32 (TitansConfig.mem_recompute_every): training runs 32-token pieces,
+    each recomputed in backward. Same y, state and parameter gradients as the plain layer
+    (chunk-aligned pieces with the state carried == whole), and the forward keeps a graph of a
+    few nodes rather than the whole layer's; in eval or under no_grad it is the plain layer."""
+    x = _x(100)
+    res = []
+    for n in (0, 32):
+        mem = _layer(recompute_every=n, **VARIANTS[variant]).train()
+        y, st = mem(x)
+        nodes = autograd_graph_size(y)
+        (y.square().mean() + sum(w.square().sum() for w in st.memory.weights)).backward()
+        res.append((y, st, nodes, {name: p.grad for name, p in mem.named_parameters()}))
+        with torch.no_grad():
+            assert torch.equal(mem(x)[0], mem.eval()(x)[0])
+    (y0, st0, nodes0, g0), (y1, st1, nodes1, g1) = res
+    assert_close("y", y0, y1, 1e-5)
+    assert_close("conv", st0.conv, st1.conv, 0.0)
+    assert not st1.aligned and st0.aligned == st1.aligned
+    for a, b in zip(st0.memory.weights, st1.memory.weights):
+        assert_close("memory", a, b, 1e-5)
+    for name, g in g0.items():
+        assert_close(f"grad {name}", g, g1[name], 1e-4)
+    assert 5 * nodes1 < nodes0, (nodes0, nodes1)  # measured 15 against 214
 
 
 @pytest.mark.parametrize("variant", ["titans", "yaad"])
@@ -148,6 +176,8 @@ def test_config_errors() -> None:
         NeuralMemory(30, 4, CHUNK)
     with pytest.raises(ValueError, match="attn_bias"):
         NeuralMemory(DIM, HEADS, CHUNK, attn_bias="cosine")
+    with pytest.raises(ValueError, match="multiple of chunk_size=16"):
+        NeuralMemory(DIM, HEADS, CHUNK, recompute_every=24)
 
 
 @pytest.mark.parametrize("variant", ["moneta-cw", "yaad-cw", "memora-cw"])

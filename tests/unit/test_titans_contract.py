@@ -7,6 +7,9 @@ in MAC; max_lr = 0.05 made MAC-tiny NaN within 96 tokens.
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+
 import pytest
 import torch
 
@@ -145,3 +148,50 @@ def test_unstable_max_lr_is_rejected() -> None:
         TitansConfig(max_lr=0.0)
     TitansConfig(variant="mac", mem_norm=False, max_lr=MAX_LR_WITHOUT_NORM)
     TitansConfig(variant="lmm", mem_norm=False, mem_depth=1, max_lr=0.5)  # linear memory
+
+
+def test_layer_defaults_are_the_config_defaults() -> None:
+    """NeuralMemory's defaults are TitansConfig's (the values the presets use): a layer built
+    bare is the memory a default config builds (impl "auto", max_lr 0.02, recompute off)."""
+    params = inspect.signature(NeuralMemory).parameters
+    cfg = TitansConfig()
+    pairs = {
+        "impl": "mem_impl",
+        "max_lr": "max_lr",
+        "recompute_every": "mem_recompute_every",
+        "depth": "mem_depth",
+        "expansion": "mem_expansion",
+        "attn_bias": "attn_bias",
+        "retention": "retention",
+        "momentum": "momentum",
+        "norm": "mem_norm",
+        "gate_rank": "gate_rank",
+    }
+    for arg, name in pairs.items():
+        assert params[arg].default == getattr(cfg, name), (arg, name)
+
+
+def test_mem_checkpoint_is_the_deprecated_name_of_mem_recompute_every() -> None:
+    """Saved configs and recipes pass mem_checkpoint=N: it builds mem_recompute_every=N (with a
+    DeprecationWarning) and the config then holds the value once; a contradiction is refused."""
+    with pytest.warns(DeprecationWarning, match="mem_recompute_every"):
+        old = TitansConfig(mem_checkpoint=32)
+    assert old == TitansConfig(mem_recompute_every=32) and old.mem_checkpoint is None
+    assert dataclasses.replace(old, loss_chunk=8).mem_recompute_every == 32
+    with pytest.warns(DeprecationWarning):
+        built = models.build("titans-lmm-tiny", mem_checkpoint=32)
+    assert built.cfg.mem_recompute_every == 32
+    with pytest.raises(ValueError, match="deprecated name"):
+        TitansConfig(mem_checkpoint=32, mem_recompute_every=64)
+    with pytest.raises(ValueError, match="multiple of chunk_size"):
+        TitansConfig(mem_recompute_every=20)
+
+
+def test_the_memory_layer_recomputes_what_the_config_says() -> None:
+    """mem_recompute_every reaches NeuralMemory.recompute_every; MAC recomputes whole segments
+    itself (attention and FFN too), so its memory layer does not do it again inside them."""
+    for variant in ("lmm", "mag", "mal"):
+        model = Titans(TitansConfig(variant=variant, mem_recompute_every=32))
+        assert [b.memory.recompute_every for b in model.layers] == [32, 32]
+    mac = Titans(TitansConfig(variant="mac", mem_recompute_every=32))
+    assert [b.memory.recompute_every for b in mac.layers] == [0, 0]
