@@ -343,6 +343,15 @@ class Titans(nn.Module):
         if not cfg.tie_embeddings:
             nn.init.normal_(self.head.weight, 0.0, std)
 
+    @property
+    def fused_loss(self) -> bool:
+        """True when the model computes its loss inside forward (cfg.loss_chunk > 0): called
+        with `targets=` (and `loss_mask=`) it returns `out.loss` from the chunked cross-entropy
+        and no logits, never materialising (B, L, vocab). The training task reads this
+        (`getattr(model, "fused_loss", False)`, system/tasks/lm.py) to pass targets instead of
+        taking the loss over returned logits; models without the property return logits."""
+        return self.cfg.loss_chunk > 0
+
     def forward(
         self,
         tokens: Tensor,

@@ -195,3 +195,16 @@ def test_the_memory_layer_recomputes_what_the_config_says() -> None:
         assert [b.memory.recompute_every for b in model.layers] == [32, 32]
     mac = Titans(TitansConfig(variant="mac", mem_recompute_every=32))
     assert [b.memory.recompute_every for b in mac.layers] == [0, 0]
+
+
+def test_fused_loss_says_whether_forward_takes_the_loss() -> None:
+    """Titans.fused_loss (what the training task reads): True exactly when loss_chunk > 0, and
+    then forward(targets=) returns the loss without logits; read-only."""
+    assert not models.build("titans-mac-tiny").fused_loss
+    model = models.build("titans-lmm-tiny", loss_chunk=16)
+    assert model.fused_loss is True
+    tokens = _tokens(33)
+    out = model(tokens[:, :-1], targets=tokens[:, 1:])
+    assert out.logits is None and out.loss.dim() == 0
+    with pytest.raises(AttributeError):
+        model.fused_loss = False
