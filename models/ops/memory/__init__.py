@@ -39,8 +39,9 @@ def _memory_triton(
     huber_delta: Tensor | None,
     checkpoint: bool,
 ) -> tuple[Tensor, MemoryState]:
-    """impl="triton". Imported here, deliberately lazily: CPU users of the package (every
-    Titans model on CPU) then never import triton (~130 MB of RSS, and it needs a driver)."""
+    """impl="triton"."""
+    # Deliberately lazy: CPU users of the package (every Titans model on CPU) never import
+    # triton, a heavy import that needs TRITON_INTERPRET set before it on CPU.
     from models.ops.memory.triton import memory_triton
 
     return memory_triton(
@@ -55,7 +56,7 @@ def _triton_covers(
     arguments within what the kernels cover (`unsupported_reason`)."""
     if not q.is_cuda or importlib.util.find_spec("triton") is None:
         return False
-    # imported only on CUDA with triton installed (see _memory_triton)
+    # deliberately lazy, as in _memory_triton: only on CUDA with triton installed
     from models.ops.memory.triton import unsupported_reason
 
     return unsupported_reason(q, v, state, rule, theta, alpha) is None

@@ -97,5 +97,6 @@ def retention(
             "impl='triton' on CPU tensors needs TRITON_INTERPRET=1 in the environment before "
             "models.ops.retention.triton is first imported"
         )
+    # Deliberately lazy (module docstring): CPU users never import triton or need its driver.
     kernel = importlib.import_module(f"{__name__}.triton")
     return kernel.retention_triton(q_BHLK, k_BHLK, v_BHLV, decay_H, chunk_size=chunk_size, **kwargs)
